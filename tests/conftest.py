@@ -1,0 +1,33 @@
+"""Shared test setup: the repository root on sys.path, strict shapes, and small helpers."""
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A swapped or missing axis must fail loudly instead of broadcasting (DQN Zoo's test setting).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def run_script(script: str, *flags: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `python script flags...` through the real CLI in `cwd`."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(run_dir: str) -> dict:
+    """TensorBoard scalars of a run: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.fixture(params=["eager", "jit"])
+def maybe_jit(request):
+    """Runs a check twice: on the plain function, and on jax.jit of it."""
+    return (lambda f, **kw: f) if request.param == "eager" else (lambda f, **kw: jax.jit(f, **kw))
