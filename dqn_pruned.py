@@ -14,19 +14,22 @@ What is pruned, when, and how (the default, --pruning-method gmp)
     After EVERY gradient step the parameters are multiplied by the masks: theta <- (theta + adam_update) * mask.
     Adam's moments are never masked. The target network is a hard copy of the (masked) online parameters.
 
-Deviations from the paper and its code (see README "Deviations")
-    1. A final mask update is forced at the pruning end step, so the target sparsity is reached even when
-       t_end is not a multiple of the mask-update frequency (the paper's 2M / 1000 is one, so nothing changes there).
-       Mask updates are counted from t_start ((c - t_start) % frequency == 0), not from 0.
-    2. RigL/SET: the optimizer step is not skipped on mask-update steps (JaxPruner skips it). Grown weights start
-       at 0 with zeroed Adam moments and take that step's update. The drop fraction's cosine decay is offset to
-       the start of the mask-update window (identical to JaxPruner/TF when the window starts at 0, the default).
-    3. The frame resize is INTER_AREA computed as two area-weight matrix products (no OpenCV dependency).
-    4. Training returns are logged; there is no separate evaluation phase (SPEC 5 lists both).
+Deviations from the paper and its code (the same list is in the README)
+    1. A final mask update is forced at the pruning end step, so the target is reached when t_end is not a multiple
+       of the mask-update frequency; mask updates are counted from t_start. With the paper's 500k/2M/1000 nothing changes.
+    2. RigL/SET do not skip the optimizer step on mask-update steps (JaxPruner does): grown weights start at 0 with
+       zeroed Adam moments and take that step's update. The drop fraction's cosine decay is offset to the start of
+       the mask-update window, which equals JaxPruner's and RigL's when the window starts at 0 (the RigL/SET default).
+    3. Random initial masks come from the run's NumPy generator (an exact-size random subset per layer).
+    4. Training returns are logged; there is no separate evaluation phase yet (SPEC 5 recommends both).
+    5. Dopamine gates the first update on the buffer holding more than 20k transitions; here gradient steps happen at
+       env steps t >= learning_starts with t divisible by train_frequency.
+    The Atari frames follow Dopamine exactly; the INTER_AREA resize is computed from its area weights (3 taps per
+    pixel and axis), so OpenCV is not needed.
 
-Example
-    python dqn_pruned.py --env-id CartPole-v1 --network mlp --total-timesteps 60000 ...   (see README)
-    python dqn_pruned.py --env-id ALE/Pong-v5 --width-scale 3          # the paper's setting, a GPU job
+Examples (the README explains both)
+    python dqn_pruned.py --env-id CartPole-v1 --network mlp --sparsity 0.9 ...   # the README's 2-minute CPU main job
+    python dqn_pruned.py --env-id ALE/Pong-v5 --width-scale 3                     # the paper's setting, a GPU job
 """
 
 # ======================================================================================= imports
@@ -172,6 +175,14 @@ def area_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return (overlap / scale).astype(np.float32)
 
 
+def banded_taps(matrix: np.ndarray) -> tuple:
+    """The non-zeros of each row of a banded matrix: (rows, taps) column indices and weights, zero-padded.
+    Resizing with a few taps per pixel avoids BLAS, whose threads contend with XLA's during training."""
+    taps = int((matrix > 0).sum(axis=1).max())
+    columns = np.argsort(matrix <= 0, axis=1, kind="stable")[:, :taps]  # non-zero columns first, in order
+    return columns, np.take_along_axis(matrix, columns, axis=1)
+
+
 class AtariEnv:
     """Atari with Dopamine's protocol (SPEC 4), on ale-py's ALEInterface.
 
@@ -193,11 +204,13 @@ class AtariEnv:
         self.observation_space = gym.spaces.Box(0, 255, (84, 84), np.uint8)
         height, width = self.ale.getScreenDims()
         self.screens = np.zeros((2, height, width), np.uint8)  # the last two frames of a step, max-pooled
-        self.resize_rows, self.resize_cols = area_resize_matrix(height, 84), area_resize_matrix(width, 84)
+        self.row_taps, self.col_taps = banded_taps(area_resize_matrix(height, 84)), banded_taps(area_resize_matrix(width, 84))
 
     def _observation(self) -> np.ndarray:
-        pooled = np.maximum(self.screens[0], self.screens[1]).astype(np.float32)
-        resized = self.resize_rows @ pooled @ self.resize_cols.T  # (84, 84)
+        pooled = np.maximum(self.screens[0], self.screens[1]).astype(np.float32)  # (210, 160)
+        (row_idx, row_w), (col_idx, col_w) = self.row_taps, self.col_taps
+        rows = np.einsum("ot,otw->ow", row_w, pooled[row_idx])  # (84, 160)
+        resized = np.einsum("hot,ot->ho", rows[:, col_idx], col_w)  # (84, 84)
         return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
     def reset(self, seed: Optional[int] = None):
@@ -479,6 +492,8 @@ def mask_update_counts(method: str, params, targets, step: int, t_start: int, t_
     """Host-side, exact integers for a mask update at gradient step `step`, as a pytree like params:
     gmp: weights to keep per layer; rigl/set: weights to drop (and regrow) per layer."""
     def count(param, target):
+        if not is_prunable(param):  # biases: keep all, drop none
+            return np.int32(param.size if method == "gmp" else 0)
         if method == "gmp":
             return np.int32(keep_count(param.size, target * gmp_schedule(step, t_start, t_end)))
         drop = cosine_drop_fraction(step, t_start, t_end, drop_fraction)

@@ -86,3 +86,15 @@ def test_bad_input_fails_cleanly(tmp_path, flags, message):
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: '):]}"]  # one line
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing written
+
+
+def test_readme_flag_table_matches_args():
+    """Every flag is in the README's table with its current default (the table cannot drift from Args)."""
+    from conftest import ROOT
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for field in dataclasses.fields(dqn.Args):
+        default = "unset" if field.default is None else field.default
+        row = f"| `--{field.name.replace('_', '-')}` | `{default}` |"
+        assert row in readme or field.name == "exp_name", row

@@ -26,6 +26,9 @@ def test_area_resize_matrix():
     image = np.random.default_rng(0).integers(0, 256, (210, 160)).astype(np.float32)
     ours = dqn.area_resize_matrix(210, 84) @ image @ dqn.area_resize_matrix(160, 84).T
     np.testing.assert_allclose(ours, area_resize_reference(image, 84), atol=1e-3)
+    columns, weights = dqn.banded_taps(rows)  # the env applies the same weights as a few taps per pixel
+    assert columns.shape == (84, 3)
+    np.testing.assert_allclose(np.einsum("ot,otw->ow", weights, image[columns]), rows @ image, rtol=1e-5)
 
 
 def test_atari_env_follows_the_protocol():
