@@ -182,6 +182,19 @@ def init_state(params, masks, tx, seed=0):
                           grad_step=jnp.zeros((), jnp.int32), key=jax.random.key(seed))
 
 
+def random_masked_state(mask_seed: int, sparsity: float):
+    """Adam, ERK targets, random exact masks and a masked train state on small_params."""
+    tx = optax.adam(1e-2)
+    params = small_params(jax.random.key(0))
+    targets = dqn.target_sparsities(params, sparsity, "erk")
+    masks = dqn.random_masks(np.random.default_rng(mask_seed), params, targets, bernoulli=False)
+    return tx, targets, masks, init_state(params, masks, tx)
+
+
+def random_grads(key, params):
+    return jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
+
+
 def ones_like(params):
     return jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
 
@@ -196,7 +209,7 @@ def run_gmp(maybe_jit, steps=60, t_start=10, t_end=40, frequency=5, sparsity=0.9
     history, key = [], jax.random.key(1)
     for c in range(steps):
         key, grad_key = jax.random.split(key)
-        grads = jax.tree.map(lambda p: jax.random.normal(grad_key, p.shape), state.params)
+        grads = random_grads(grad_key, state.params)
         counts = None
         if dqn.is_mask_update_step("gmp", c, t_start, t_end, frequency):
             counts = dqn.mask_update_counts("gmp", state.params, targets, c, t_start, t_end, 0.0)
@@ -238,16 +251,12 @@ def test_gmp_reaches_target_and_nonzeros_constant_after_end(maybe_jit):
 
 
 def test_pruned_weights_stay_zero_after_1000_adam_steps(maybe_jit):
-    tx = optax.adam(1e-2)
-    params = small_params(jax.random.key(0))
-    targets = dqn.target_sparsities(params, 0.9, "erk")
-    masks = dqn.random_masks(np.random.default_rng(3), params, targets, bernoulli=False)
-    state = init_state(params, masks, tx)
+    tx, _, masks, state = random_masked_state(3, 0.9)
     step = maybe_jit(lambda state, grads: dqn.sparse_step(state, grads, None, tx, "gmp"))
     key = jax.random.key(4)
     for _ in range(1000):
         key, grad_key = jax.random.split(key)
-        state = step(state, jax.tree.map(lambda p: jax.random.normal(grad_key, p.shape), state.params))
+        state = step(state, random_grads(grad_key, state.params))
     for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(masks)):
         assert np.all(np.asarray(p)[np.asarray(m) == 0] == 0.0)  # exactly zero
         assert np.all(np.asarray(p)[np.asarray(m) == 1] != 0.0)  # and the active weights did move
@@ -272,18 +281,14 @@ def test_rigl_drop_and_grow_by_hand(maybe_jit):
 
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
-    tx = optax.adam(1e-2)
     b1, b2 = 0.9, 0.999  # optax.adam defaults
-    params = small_params(jax.random.key(0))
-    targets = dqn.target_sparsities(params, 0.8, "erk")
-    masks = dqn.random_masks(np.random.default_rng(5), params, targets, bernoulli=False)
-    state = init_state(params, masks, tx)
+    tx, targets, _, state = random_masked_state(5, 0.8)
     step = maybe_jit(lambda state, grads, counts: dqn.sparse_step(state, grads, counts, tx, method))
     key = jax.random.key(6)
     for c in range(30):  # warm Adam's moments up everywhere (they are not masked)
         key, grad_key = jax.random.split(key)
-        state = step(state, jax.tree.map(lambda p: jax.random.normal(grad_key, p.shape), state.params), None)
-    grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), state.params)
+        state = step(state, random_grads(grad_key, state.params), None)
+    grads = random_grads(key, state.params)
     counts = dqn.mask_update_counts(method, state.params, targets, 0, 0, 100, 0.3)
     new = step(state, grads, counts)
     grew_any = False
@@ -310,15 +315,11 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
     assert grew_any
 
 
-def test_static_and_dense_masks_never_change(maybe_jit):
-    tx = optax.adam(1e-2)
-    params = small_params(jax.random.key(0))
-    targets = dqn.target_sparsities(params, 0.9, "erk")
-    masks = dqn.random_masks(np.random.default_rng(7), params, targets, bernoulli=False)
-    state = init_state(params, masks, tx)
+def test_static_masks_never_change(maybe_jit):
+    tx, _, masks, state = random_masked_state(7, 0.9)
     step = maybe_jit(lambda state, grads: dqn.sparse_step(state, grads, None, tx, "static"))
     for i in range(50):
-        state = step(state, jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), state.params))
+        state = step(state, random_grads(jax.random.key(i), state.params))
     for new, old, p in zip(jax.tree.leaves(state.masks), jax.tree.leaves(masks), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(new, old)
         assert np.all((np.asarray(p) != 0) <= (np.asarray(old) == 1))
