@@ -63,6 +63,8 @@ def test_tiny_pong_run(tmp_path, method, network):
     assert scalars["pruning/target_sparsity"][-1][1] == pytest.approx(target, abs=1e-3)
     assert scalars["pruning/total_sparsity"][-1][1] < achieved or method == "none"  # biases are dense
     assert [step for step, _ in scalars["charts/SPS"]] == [39, 79, 119, 159, 199, 239]  # x-axis: env steps
+    # the loop does exactly the gradient steps the pruning window was derived from
+    assert scalars["charts/grad_steps"][-1][1] == dqn.num_grad_steps(240, 80, 4) == 40
     if method == "gmp":  # sparsity rose during the run instead of being there from the start
         assert scalars["pruning/kernel_sparsity"][0][1] == 0.0
 
