@@ -16,14 +16,16 @@ What is pruned, when, and how (the default, --pruning-method gmp)
 
 Deviations from the paper and its code (the same list is in the README)
     1. A final mask update is forced at the pruning end step, so the target is reached when t_end is not a multiple
-       of the mask-update frequency; mask updates are counted from t_start. With the paper's 500k/2M/1000 nothing changes.
+       of the mask-update frequency; mask updates are counted from t_start. The window is derived from the run
+       (20%/80% of its gradient steps, SPEC 7): 499,000 to 1,996,000 for the paper's run, not the released 500k/2M.
     2. RigL/SET do not skip the optimizer step on mask-update steps (JaxPruner does): grown weights start at 0 with
        zeroed Adam moments and take that step's update. The drop fraction's cosine decay is offset to the start of
        the mask-update window, which equals JaxPruner's and RigL's when the window starts at 0 (the RigL/SET default).
     3. Random initial masks come from the run's NumPy generator (an exact-size random subset per layer).
     4. Training returns are logged; there is no separate evaluation phase yet (SPEC 5 recommends both).
-    5. Dopamine gates the first update on the buffer holding more than 20k transitions; here gradient steps happen at
-       env steps t >= learning_starts with t divisible by train_frequency.
+    5. Dopamine gates the first update on the buffer holding more than 20k transitions and also attempts a train step
+       at every episode start; here gradient steps happen only at env steps t >= learning_starts with t divisible by
+       train_frequency, so the update phase, epsilon and target syncs count env steps alone.
     The Atari frames follow Dopamine exactly; the INTER_AREA resize is computed from its area weights (3 taps per
     pixel and axis), so OpenCV is not needed.
 
@@ -54,6 +56,7 @@ from flax import serialization, struct
 from tensorboardX import SummaryWriter
 
 gym.register_envs(ale_py)  # makes the ALE/...-v5 ids known to gymnasium
+ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no ALE banner on stderr
 
 
 # ========================================================================================== Args
@@ -137,6 +140,7 @@ class ArgsError(ValueError):
 def check_args(args: Args) -> None:
     """Raises ArgsError naming the first invalid field (or combination of fields)."""
     checks = [
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.total_timesteps > 0, "--total-timesteps must be > 0"),
         (args.log_frequency > 0, "--log-frequency must be > 0"),
         (args.learning_rate > 0, "--learning-rate must be > 0"),
@@ -194,7 +198,6 @@ class AtariEnv:
 
     def __init__(self, game: str, frame_skip: int = 4, sticky: float = 0.25, max_steps: int = 27_000):
         self.ale = ale_py.ALEInterface()
-        self.ale.setLoggerMode(ale_py.LoggerMode.Error)
         self.ale.setFloat("repeat_action_probability", sticky)
         self.rom = ale_py.roms.get_rom_path(game)
         self.ale.loadROM(self.rom)
@@ -414,7 +417,7 @@ class ReplayBuffer:
             if valid.all():
                 return Batch(self.stacked(idx), self.actions[idx], returns, discounts, self.stacked(next_idx))
             idx[~valid] = rng.integers(0, self.size, int((~valid).sum()))
-        raise RuntimeError("replay buffer holds no valid transition; increase --learning-starts")
+        raise RuntimeError("no valid transition found in 1000 draws; increase --learning-starts or --buffer-size")
 # ------------------------------------------------------------ end shared: replay buffer
 
 
@@ -488,17 +491,16 @@ def is_mask_update_step(method: str, step: int, t_start: int, t_end: int, freque
     return (step - t_start) % frequency == 0 or step == t_end
 
 
-def mask_update_counts(method: str, params, targets, step: int, t_start: int, t_end: int, drop_fraction: float):
-    """Host-side, exact integers for a mask update at gradient step `step`, as a pytree like params:
-    gmp: weights to keep per layer; rigl/set: weights to drop (and regrow) per layer."""
-    def count(param, target):
-        if not is_prunable(param):  # biases: keep all, drop none
-            return np.int32(param.size if method == "gmp" else 0)
+def mask_update_counts(method: str, masks, targets, step: int, t_start: int, t_end: int, drop_fraction: float):
+    """Host-side, exact integers for a mask update at gradient step `step`, as a pytree like the masks:
+    gmp: weights to keep per layer; rigl/set: weights to drop (and regrow), floor(active weights * drop fraction)."""
+    def count(mask, target):
+        if not is_prunable(mask):  # biases: keep all, drop none
+            return np.int32(mask.size if method == "gmp" else 0)
         if method == "gmp":
-            return np.int32(keep_count(param.size, target * gmp_schedule(step, t_start, t_end)))
-        drop = cosine_drop_fraction(step, t_start, t_end, drop_fraction)
-        return np.int32(math.floor(keep_count(param.size, target) * drop))
-    return jax.tree.map(count, params, targets)
+            return np.int32(keep_count(mask.size, target * gmp_schedule(step, t_start, t_end)))
+        return np.int32(math.floor(int(mask.sum()) * cosine_drop_fraction(step, t_start, t_end, drop_fraction)))
+    return jax.tree.map(count, masks, targets)
 
 
 def overall_sparsity(params, targets) -> float:
@@ -581,16 +583,17 @@ class TrainState(struct.PyTreeNode):
 
 def sparse_step(state: TrainState, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
     """The optimizer step of sparse training, the same for every method:
-    1. at a mask-update step (counts given), new masks from the pre-update params (and, for rigl/set, grads),
-       with Adam moments reset where connections were grown;
+    1. at a mask-update step (counts given), new masks from the pre-update params (and, for rigl/set, grads;
+       rigl/set also zero Adam's moments where connections were grown);
     2. Adam on the unmasked gradient;
     3. theta <- (theta + u) * m after EVERY step (Adam keeps pushing pruned weights away from 0)."""
     key, mask_key = jax.random.split(state.key)
     masks, opt_state = state.masks, state.opt_state
     if counts is not None:
         masks = next_masks(method, mask_key, state.params, grads, state.masks, counts)
-        grown = jax.tree.map(lambda new, old: new * (1 - old), masks, state.masks)
-        opt_state = reset_adam_moments(opt_state, jax.tree.map(lambda g: 1 - g, grown))
+        if method in ("rigl", "set"):  # GMP never touches Adam's moments (SPEC 2.2)
+            grown = jax.tree.map(lambda new, old: new * (1 - old), masks, state.masks)
+            opt_state = reset_adam_moments(opt_state, jax.tree.map(lambda g: 1 - g, grown))
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates), masks)
     return state.replace(params=params, masks=masks, opt_state=opt_state, grad_step=state.grad_step + 1, key=key)
@@ -690,19 +693,22 @@ def main(args: Args) -> dict:
     env, is_atari = make_env(args.env_id)
     if args.network != "mlp" and not is_atari:
         raise ArgsError(f"--network {args.network} needs Atari frames; use --network mlp for {args.env_id}")
+    stack = 4 if is_atari else 1
+    if args.buffer_size < stack + args.n_step:  # the smallest buffer that can hold one whole transition
+        raise ArgsError(f"--buffer-size ({args.buffer_size}) must be >= frame stack + n-step ({stack + args.n_step})")
 
-    # seeding: one NumPy generator for the host (env seeds, exploration, replay), one JAX root key
-    rng = np.random.default_rng(args.seed)
+    # seeding: NumPy generators for the host (env seeds, exploration, replay; random masks on their own stream, so
+    # that every method sees the same env seeds for a seed) and one JAX root key (network init, SET regrowth)
+    rng, mask_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
     init_key, train_key = jax.random.split(jax.random.key(args.seed))
 
     # network, masks, optimizer
-    stack = 4 if is_atari else 1
     frame_shape, frame_dtype = env.observation_space.shape, env.observation_space.dtype
     network = QNetwork(env.action_space.n, args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias)
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
     targets = target_sparsities(params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution)
     if args.pruning_method in ("static", "rigl", "set"):
-        masks = random_masks(rng, params, targets, args.mask_sampling == "bernoulli")
+        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
     else:
         masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
     params = apply_masks(params, masks)
@@ -757,7 +763,7 @@ def main(args: Args) -> dict:
                 if global_step % args.train_frequency == 0:
                     counts = None
                     if is_mask_update_step(args.pruning_method, grad_step, t_start, t_end, prune_frequency):
-                        counts = mask_update_counts(args.pruning_method, state.params, targets, grad_step, t_start, t_end, args.drop_fraction)
+                        counts = mask_update_counts(args.pruning_method, state.masks, targets, grad_step, t_start, t_end, args.drop_fraction)
                     state, metrics = update(state, rb.sample(rng, args.batch_size), counts)
                     grad_step += 1
                 if global_step % args.target_network_frequency == 0:

@@ -78,6 +78,8 @@ BAD_INPUTS = [
     (["--buffer-size", "16", "--batch-size", "32"], "--buffer-size (16) must be >= --batch-size (32)"),
     (["--env-id", "CartPole-v1"], "--network resnet needs Atari frames"),
     (["--learning-starts", "100", "--total-timesteps", "50"], "--learning-starts must be < --total-timesteps"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--buffer-size", "4", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (4) must be >= frame stack + n-step (5)"),
 ]
 
 

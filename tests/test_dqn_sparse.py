@@ -212,7 +212,7 @@ def run_gmp(maybe_jit, steps=60, t_start=10, t_end=40, frequency=5, sparsity=0.9
         grads = random_grads(grad_key, state.params)
         counts = None
         if dqn.is_mask_update_step("gmp", c, t_start, t_end, frequency):
-            counts = dqn.mask_update_counts("gmp", state.params, targets, c, t_start, t_end, 0.0)
+            counts = dqn.mask_update_counts("gmp", state.masks, targets, c, t_start, t_end, 0.0)
         pre_params = state.params
         state = step(state, grads, counts)
         history.append((c, counts, pre_params, state))
@@ -289,7 +289,7 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
         key, grad_key = jax.random.split(key)
         state = step(state, random_grads(grad_key, state.params), None)
     grads = random_grads(key, state.params)
-    counts = dqn.mask_update_counts(method, state.params, targets, 0, 0, 100, 0.3)
+    counts = dqn.mask_update_counts(method, state.masks, targets, 0, 0, 100, 0.3)
     new = step(state, grads, counts)
     grew_any = False
     for name in ("conv", "dense"):
@@ -313,6 +313,14 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
             kept = (old_m == 1) & (new_m == 1)
             assert np.abs(g[grown]).min() >= np.abs(g[~kept & ~grown & (old_m == 0)]).max()
     assert grew_any
+
+
+def test_rigl_drop_count_uses_the_active_weights():
+    """METHODS 1.3: n_drop = floor(n_active * f), also for Bernoulli masks whose n_active is not the target count."""
+    masks = {"w": np.zeros((20, 10), np.uint8), "b": np.ones(10, np.uint8)}
+    masks["w"].reshape(-1)[:95] = 1
+    counts = dqn.mask_update_counts("rigl", masks, {"w": 0.5, "b": 0.0}, 50, 0, 100, 0.6)
+    assert counts == {"w": math.floor(95 * 0.3), "b": 0}  # cosine at the window's middle: f = 0.6 / 2
 
 
 def test_static_masks_never_change(maybe_jit):
