@@ -21,7 +21,8 @@ Deviations from the paper and its code (the same list is in the README)
     2. RigL/SET do not skip the optimizer step on mask-update steps (JaxPruner does): grown weights start at 0 with
        zeroed Adam moments and take that step's update. The drop fraction's cosine decay is offset to the start of
        the mask-update window, which equals JaxPruner's and RigL's when the window starts at 0 (the RigL/SET default).
-    3. Random initial masks come from the run's NumPy generator (an exact-size random subset per layer).
+    3. Random initial masks are drawn on the host from a NumPy generator of their own (seeded by --seed): an exact-size
+       random subset per layer, not JaxPruner's top-k of JAX-random scores.
     4. Training returns are logged; there is no separate evaluation phase yet (SPEC 5 recommends both).
     5. Dopamine gates the first update on the buffer holding more than 20k transitions and also attempts a train step
        at every episode start; here gradient steps happen only at env steps t >= learning_starts with t divisible by
