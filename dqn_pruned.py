@@ -134,12 +134,13 @@ class Args:
     # ------------------------------------------------------------ end shared: pruning args
 
 
+# ---------------------------------------------------------------- shared: arg checks
 class ArgsError(ValueError):
     """A bad command-line value; reported as one line on stderr with exit code 2."""
 
 
 def check_args(args: Args) -> None:
-    """Raises ArgsError naming the first invalid field (or combination of fields)."""
+    """Raises ArgsError naming the first invalid field (or combination of fields), the algorithm's own checks last."""
     checks = [
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.total_timesteps > 0, "--total-timesteps must be > 0"),
@@ -163,9 +164,15 @@ def check_args(args: Args) -> None:
     ]
     start, end = prune_window_fractions(args)
     checks.append((0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"))
-    for ok, message in checks:
+    for ok, message in checks + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
+# ------------------------------------------------------------ end shared: arg checks
+
+
+def algorithm_checks(args: Args) -> list:
+    """(ok, message) pairs for the DQN-only fields: none beyond the shared checks."""
+    return []
 
 
 # =================================================================================== environment
@@ -617,12 +624,6 @@ def sparsity_summary(params) -> dict:
 
 
 # ================================================================================ algorithm: DQN
-def linear_epsilon(step: int, start_e: float, end_e: float, exploration_steps: int, learning_starts: int) -> float:
-    """Epsilon at env step `step`: start_e until learning starts, then linear to end_e over exploration_steps (SPEC 3)."""
-    fraction = min(max((step - learning_starts) / exploration_steps, 0.0), 1.0)
-    return start_e + fraction * (end_e - start_e)
-
-
 def dqn_targets(rewards: jax.Array, discounts: jax.Array, next_q_target: jax.Array) -> jax.Array:
     """y = R + gamma^k (1 - d) max_a' Q_target(s', a') (no double-Q, SPEC 3.1). (B,), (B,), (B, A) -> (B,)."""
     return rewards + discounts * next_q_target.max(axis=-1)
@@ -653,6 +654,13 @@ def make_update(network: nn.Module, tx: optax.GradientTransformation, method: st
 
 
 # ========================================================================================== main
+# ---------------------------------------------------------------- shared: run helpers
+def linear_epsilon(step: int, start_e: float, end_e: float, exploration_steps: int, learning_starts: int) -> float:
+    """Epsilon at env step `step`: start_e until learning starts, then linear to end_e over exploration_steps (SPEC 3)."""
+    fraction = min(max((step - learning_starts) / exploration_steps, 0.0), 1.0)
+    return start_e + fraction * (end_e - start_e)
+
+
 def num_grad_steps(total_timesteps: int, learning_starts: int, train_frequency: int) -> int:
     """Gradient steps of a run: one at every env step t with learning_starts <= t < total and t % train_frequency == 0."""
     first = -(-learning_starts // train_frequency) * train_frequency
@@ -688,6 +696,67 @@ def make_run_dir(path: str) -> str:
             candidate = f"{path}_{suffix}"
 
 
+def open_run(args: Args, extra_config: dict):
+    """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag plus `extra_config`) and
+    returns (run_dir, TensorBoard writer)."""
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = make_run_dir(os.path.join("runs", run_name))
+    writer = SummaryWriter(run_dir, flush_secs=30)
+    config = dataclasses.asdict(args)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**config, "run_name": run_name, **extra_config}, f, indent=2)
+    return run_dir, writer
+
+
+class RunLogger:
+    """TensorBoard scalars (x-axis: env steps) at every episode end and every `--log-frequency` env steps, and a
+    progress line on stdout every 10 s."""
+
+    def __init__(self, args: Args, writer, final_sparsity: float, window: tuple):
+        self.args, self.writer, self.final_sparsity, self.window = args, writer, final_sparsity, window
+        self.summarize = jax.jit(sparsity_summary)
+        self.returns = []  # unclipped return of every finished episode
+        self.window_start, self.window_time, self.last_print = 0, time.time(), time.time()
+
+    def episode(self, global_step: int, episode_return: float, episode_length: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        self.writer.add_scalar("charts/episodic_length", episode_length, global_step)
+        self.returns.append(episode_return)
+
+    def step(self, global_step: int, epsilon: float, grad_step: int, params, metrics) -> None:
+        """Called after every env step; writes only at the logging cadence and at the last step."""
+        last = global_step + 1 == self.args.total_timesteps
+        if (global_step + 1) % self.args.log_frequency != 0 and not last:
+            return
+        now = time.time()
+        sps = (global_step + 1 - self.window_start) / max(now - self.window_time, 1e-9)
+        self.window_start, self.window_time = global_step + 1, now
+        t_start, t_end, _ = self.window
+        schedule = gmp_schedule(grad_step - 1, t_start, t_end) if self.args.pruning_method == "gmp" else 1.0
+        scheduled = self.final_sparsity * schedule
+        scalars = {"charts/SPS": sps, "charts/epsilon": epsilon, "charts/grad_steps": grad_step, "pruning/target_sparsity": scheduled}
+        scalars.update(jax.device_get(self.summarize(params)))
+        if metrics is not None:
+            scalars.update(jax.device_get(metrics))
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, float(value), global_step)
+        if now - self.last_print > 10 or last:
+            self.last_print = now
+            recent = f"{np.mean(self.returns[-20:]):.1f}" if self.returns else "n/a"
+            print(f"step {global_step + 1}/{self.args.total_timesteps} | SPS {sps:.0f} | return (last 20) {recent} | "
+                  f"sparsity {float(scalars['pruning/kernel_sparsity']):.3f} (target {scheduled:.3f})", flush=True)
+
+
+def save_model(args: Args, run_dir: str, state) -> None:
+    """runs/.../{exp_name}.msgpack: the flax msgpack of the plain dict {"params": ..., "masks": ...}."""
+    model_path = os.path.join(run_dir, f"{args.exp_name}.msgpack")
+    with open(model_path, "wb") as f:
+        f.write(serialization.msgpack_serialize({"params": jax.device_get(state.params), "masks": jax.device_get(state.masks)}))
+    print(f"model saved to {model_path}")
+# ------------------------------------------------------------ end shared: run helpers
+
+
 def main(args: Args) -> dict:
     """Trains; returns {"run_dir": ..., "episodic_returns": [...]}."""
     check_args(args)
@@ -717,25 +786,16 @@ def main(args: Args) -> dict:
     state = TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params), grad_step=jnp.zeros((), jnp.int32), key=train_key)
     update = make_update(network, tx, args.pruning_method)
     greedy_action = jax.jit(lambda params, obs: network.apply({"params": params}, obs[None]).argmax(-1)[0])
-    summarize = jax.jit(sparsity_summary)
     t_start, t_end, prune_frequency = prune_window(args)
-    final_sparsity = overall_sparsity(params, targets)
     rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
 
     # logging
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = make_run_dir(os.path.join("runs", run_name))
-    writer = SummaryWriter(run_dir, flush_secs=30)
-    config = dataclasses.asdict(args)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**config, "run_name": run_name, "prune_window_grad_steps": [t_start, t_end, prune_frequency]}, f, indent=2)
+    run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency]})
+    logger = RunLogger(args, writer, overall_sparsity(params, targets), (t_start, t_end, prune_frequency))
 
     obs_frame, _ = env.reset(seed=int(rng.integers(2**31)))
     frames = deque([np.zeros_like(obs_frame)] * (stack - 1) + [obs_frame], maxlen=stack)  # zero-filled at episode start
-    episode_return, episode_length, returns = 0.0, 0, []
-    grad_step, metrics = 0, None
-    window_start, window_time, last_print = 0, time.time(), time.time()
+    episode_return, episode_length, grad_step, metrics = 0.0, 0, 0, None
     try:
         for global_step in range(args.total_timesteps):
             # act: epsilon-greedy on the stacked observation
@@ -750,9 +810,7 @@ def main(args: Args) -> dict:
             rb.add(obs_frame, action, np.clip(reward, -1.0, 1.0) if is_atari else reward, terminated, truncated, next_frame)
             episode_return, episode_length = episode_return + float(reward), episode_length + 1
             if terminated or truncated:
-                writer.add_scalar("charts/episodic_return", episode_return, global_step)
-                writer.add_scalar("charts/episodic_length", episode_length, global_step)
-                returns.append(episode_return)
+                logger.episode(global_step, episode_return, episode_length)
                 episode_return, episode_length = 0.0, 0
                 next_frame, _ = env.reset()
                 frames.extend([np.zeros_like(next_frame)] * (stack - 1))
@@ -770,32 +828,13 @@ def main(args: Args) -> dict:
                 if global_step % args.target_network_frequency == 0:
                     state = state.replace(target_params=state.params)
 
-            # log
-            if (global_step + 1) % args.log_frequency == 0 or global_step + 1 == args.total_timesteps:
-                now = time.time()
-                sps = (global_step + 1 - window_start) / max(now - window_time, 1e-9)
-                window_start, window_time = global_step + 1, now
-                scheduled = final_sparsity * (gmp_schedule(grad_step - 1, t_start, t_end) if args.pruning_method == "gmp" else 1.0)
-                scalars = {"charts/SPS": sps, "charts/epsilon": epsilon, "charts/grad_steps": grad_step, "pruning/target_sparsity": scheduled}
-                scalars.update(jax.device_get(summarize(state.params)))
-                if metrics is not None:
-                    scalars.update(jax.device_get(metrics))
-                for tag, value in scalars.items():
-                    writer.add_scalar(tag, float(value), global_step)
-                if now - last_print > 10 or global_step + 1 == args.total_timesteps:
-                    last_print = now
-                    recent = f"{np.mean(returns[-20:]):.1f}" if returns else "n/a"
-                    print(f"step {global_step + 1}/{args.total_timesteps} | SPS {sps:.0f} | return (last 20) {recent} | "
-                          f"sparsity {float(scalars['pruning/kernel_sparsity']):.3f} (target {scheduled:.3f})", flush=True)
+            logger.step(global_step, epsilon, grad_step, state.params, metrics)
     finally:
         writer.close()
 
     if args.save_model:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.msgpack")
-        with open(model_path, "wb") as f:
-            f.write(serialization.msgpack_serialize({"params": jax.device_get(state.params), "masks": jax.device_get(state.masks)}))
-        print(f"model saved to {model_path}")
-    return {"run_dir": run_dir, "episodic_returns": returns}
+        save_model(args, run_dir, state)
+    return {"run_dir": run_dir, "episodic_returns": logger.returns}
 
 
 if __name__ == "__main__":

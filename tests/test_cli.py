@@ -1,4 +1,4 @@
-"""dqn_pruned.py through its real command line: --help, tiny Atari runs for every pruning method, bad inputs."""
+"""Every agent script through its real command line: --help, tiny Atari runs for every pruning method, bad inputs."""
 import dataclasses
 import glob
 import os
@@ -9,26 +9,34 @@ import pytest
 from flax import serialization
 
 import dqn_pruned as dqn
+import rainbow_pruned as rainbow
 from conftest import read_scalars, run_script
+
+# script -> (module, name of the output layer)
+SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits")}
 
 TINY_PONG = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "240", "--learning-starts", "80", "--batch-size", "8",
              "--buffer-size", "1000", "--train-frequency", "4", "--target-network-frequency", "50",
              "--exploration-steps", "100", "--prune-frequency-grad-steps", "10", "--sparsity", "0.8", "--log-frequency", "40"]
 
 
-def test_help_lists_every_flag(tmp_path):
-    result = run_script("dqn_pruned.py", "--help", cwd=str(tmp_path))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_flag(tmp_path, script):
+    result = run_script(script, "--help", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    for field in dataclasses.fields(dqn.Args):
+    for field in dataclasses.fields(SCRIPTS[script][0].Args):
         assert "--" + field.name.replace("_", "-") in result.stdout, field.name
     assert "gradient steps" in result.stdout and "env steps" in result.stdout  # units are documented
     assert not os.path.exists(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("method, network", [("gmp", "cnn"), ("rigl", "cnn"), ("set", "cnn"), ("static", "cnn"),
-                                             ("none", "cnn"), ("gmp", "resnet")])
-def test_tiny_pong_run(tmp_path, method, network):
-    result = run_script("dqn_pruned.py", *TINY_PONG, "--pruning-method", method, "--network", network, "--save-model",
+RUNS = [(script, method, "cnn") for script in SCRIPTS for method in ("gmp", "rigl", "set", "static", "none")]
+
+
+@pytest.mark.parametrize("script, method, network", RUNS + [("dqn_pruned.py", "gmp", "resnet")])
+def test_tiny_pong_run(tmp_path, script, method, network):
+    module, output_layer = SCRIPTS[script]
+    result = run_script(script, *TINY_PONG, "--pruning-method", method, "--network", network, "--save-model",
                         "--exp-name", f"tiny_{method}", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ALE_Pong-v5__tiny_{method}__1__*"))
@@ -39,12 +47,12 @@ def test_tiny_pong_run(tmp_path, method, network):
     params, masks = saved["params"], saved["masks"]
     assert jax.tree.structure(params) == jax.tree.structure(masks)
     target = 0.0 if method == "none" else 0.8
-    targets = dqn.target_sparsities(params, target, "erk")
+    targets = module.target_sparsities(params, target, "erk")
     kept = total = 0
     for p, m, s in zip(jax.tree.leaves(params), jax.tree.leaves(masks), jax.tree.leaves(targets)):
         assert np.all(p[m == 0] == 0)  # pruned weights are exactly zero
         if p.ndim > 1:
-            assert int(m.sum()) == dqn.keep_count(p.size, s)  # each layer at its ERK target, exactly
+            assert int(m.sum()) == module.keep_count(p.size, s)  # each layer at its ERK target, exactly
             kept, total = kept + int(m.sum()), total + p.size
         else:
             assert np.all(m == 1)  # biases are never pruned
@@ -52,7 +60,7 @@ def test_tiny_pong_run(tmp_path, method, network):
 
     scalars = read_scalars(run_dir)
     for tag in ("losses/td_loss", "losses/q_values", "charts/SPS", "charts/epsilon", "pruning/target_sparsity",
-                "pruning/kernel_sparsity", "pruning/total_sparsity", "pruning/layer/q/kernel"):
+                "pruning/kernel_sparsity", "pruning/total_sparsity", f"pruning/layer/{output_layer}/kernel"):
         assert tag in scalars, tag
     # achieved sparsity counts exact zeros in the params (JaxPruner's definition): it equals the mask's sparsity,
     # except that rigl/set grown weights start at 0 and stay there while their gradient is exactly 0
@@ -64,7 +72,7 @@ def test_tiny_pong_run(tmp_path, method, network):
     assert scalars["pruning/total_sparsity"][-1][1] < achieved or method == "none"  # biases are dense
     assert [step for step, _ in scalars["charts/SPS"]] == [39, 79, 119, 159, 199, 239]  # x-axis: env steps
     # the loop does exactly the gradient steps the pruning window was derived from
-    assert scalars["charts/grad_steps"][-1][1] == dqn.num_grad_steps(240, 80, 4) == 40
+    assert scalars["charts/grad_steps"][-1][1] == module.num_grad_steps(240, 80, 4) == 40
     if method == "gmp":  # sparsity rose during the run instead of being there from the start
         assert scalars["pruning/kernel_sparsity"][0][1] == 0.0
 
@@ -83,22 +91,53 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[b[1][:30] for b in BAD_INPUTS])
-def test_bad_input_fails_cleanly(tmp_path, flags, message):
-    result = run_script("dqn_pruned.py", *flags, cwd=str(tmp_path))
+BAD_RAINBOW_INPUTS = [
+    (["--num-atoms", "1"], "--num-atoms must be >= 2, got 1"),
+    (["--v-min", "5", "--v-max", "5"], "need --v-min (5.0) < --v-max (5.0)"),
+    (["--buffer-size", "6", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (6) must be >= frame stack + n-step (7)"),
+]
+CASES = [("dqn_pruned.py", *case) for case in BAD_INPUTS] + [("rainbow_pruned.py", *case) for case in BAD_RAINBOW_INPUTS + BAD_INPUTS[:2]]
+
+
+@pytest.mark.parametrize("script, flags, message", CASES, ids=[f"{c[0][:-10]}: {c[2][:30]}" for c in CASES])
+def test_bad_input_fails_cleanly(tmp_path, script, flags, message):
+    result = run_script(script, *flags, cwd=str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: '):]}"]  # one line
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing written
 
 
-def test_readme_flag_table_matches_args():
-    """Every flag is in the README's table with its current default (the table cannot drift from Args)."""
+def readme_flag_rows(script: str) -> str:
+    """The README's flag table of `script`: dqn_pruned.py's full table, or another script's table of its differences."""
     from conftest import ROOT
 
     with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    for field in dataclasses.fields(dqn.Args):
-        default = "unset" if field.default is None else field.default
-        row = f"| `--{field.name.replace('_', '-')}` | `{default}` |"
-        assert row in readme or field.name == "exp_name", row
+        flags = f.read().split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+    tables = flags.split("\n### ")
+    if script == "dqn_pruned.py":
+        return tables[0]
+    return next(t for t in tables[1:] if t.startswith(f"`{script}`"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_readme_flag_table_matches_args(script):
+    """Every flag is in the README with its current default and help text (the tables cannot drift from Args): in
+    dqn_pruned.py's table, or in the script's own table where its default or help text differs from DQN's."""
+    import ast
+
+    def docs(module):  # field -> attribute docstring, read from the source as tyro does
+        tree = ast.parse(open(module.__file__).read())
+        body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
+        return {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+
+    module = SCRIPTS[script][0]
+    own, dqn_docs = docs(module), docs(dqn)
+    dqn_fields = {f.name: f for f in dataclasses.fields(dqn.Args)}
+    for field in dataclasses.fields(module.Args):
+        if field.name == "exp_name":  # its default is the script's name
+            continue
+        row = f"| `--{field.name.replace('_', '-')}` | `{'unset' if field.default is None else field.default}` | {own[field.name]} |"
+        same_as_dqn = field.name in dqn_fields and dqn_fields[field.name].default == field.default and dqn_docs[field.name] == own[field.name]
+        table = readme_flag_rows("dqn_pruned.py" if same_as_dqn else script)
+        assert row in table, f"{script}: README row missing or stale: {row}"

@@ -1,0 +1,241 @@
+"""rainbow_pruned.py's pieces against independent computations: the C51 projection, the sum tree, prioritized
+replay, importance weights and priorities, the loss, and the C51 head's ERK sparsity."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import rainbow_pruned as rainbow
+
+
+# ------------------------------------------------------------------------------- categorical projection
+def projection_reference(next_probs, rewards, discounts, support):
+    """Bellemare et al. 2017, Algorithm 1, atom by atom in float64: each moved atom b = (Tz - v_min)/dz splits its
+    probability between floor(b) and ceil(b) in proportion to closeness (all of it when b is an integer)."""
+    v_min, v_max = support[0], support[-1]
+    dz = (v_max - v_min) / (len(support) - 1)
+    out = np.zeros(next_probs.shape, np.float64)
+    for b in range(len(rewards)):
+        for j, z in enumerate(support):
+            tz = min(max(rewards[b] + discounts[b] * z, v_min), v_max)
+            position = (tz - v_min) / dz
+            lower, upper = int(np.floor(position)), int(np.ceil(position))
+            if lower == upper:
+                out[b, lower] += next_probs[b, j]
+            else:
+                out[b, lower] += next_probs[b, j] * (upper - position)
+                out[b, upper] += next_probs[b, j] * (position - lower)
+    return out
+
+
+def test_projection_by_hand():
+    support = jnp.array([0.0, 1.0, 2.0])
+    next_probs = jnp.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]])
+    rewards = jnp.array([0.5, 0.0, 7.0])
+    discounts = jnp.array([1.0, 0.5, 0.0])
+    out = rainbow.categorical_projection(next_probs, rewards, discounts, support)
+    # row 0: the atom at 1 moves to 1.5, half to each neighbour; row 1: atoms move to 0, 0.5, 1;
+    # row 2: terminal with a reward above v_max: everything on the top atom
+    np.testing.assert_allclose(out, [[0.0, 0.5, 0.5], [0.2 + 0.15, 0.15 + 0.5, 0.0], [0.0, 0.0, 1.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("v_min, v_max, atoms", [(-10.0, 10.0, 51), (-3.0, 5.0, 7)])
+def test_projection_against_reference(maybe_jit, v_min, v_max, atoms):
+    rng = np.random.default_rng(atoms)
+    batch = 13
+    support = np.linspace(v_min, v_max, atoms)
+    next_probs = rng.dirichlet(np.ones(atoms) * 0.5, size=batch)
+    rewards = rng.uniform(-3 * v_max, 3 * v_max, batch)  # many moved supports clip at one end or both
+    rewards[:3] = [v_max * 0.3, v_min * 0.4, 0.0]
+    discounts = np.where(rng.random(batch) < 0.3, 0.0, 0.99**3)  # terminal and non-terminal
+    discounts[:3] = [0.99**3, 0.0, 0.5]
+    expected = projection_reference(next_probs, rewards, discounts, support)
+    project = maybe_jit(rainbow.categorical_projection)
+    out = project(*(jnp.asarray(a, jnp.float32) for a in (next_probs, rewards, discounts, support)))
+    assert out.shape == (batch, atoms) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(out.sum(axis=-1), 1.0, atol=1e-5)
+    assert np.all(np.asarray(out) >= 0)
+    assert np.any(expected[:, 0] > 0.5) and np.any(expected[:, -1] > 0.5)  # clipping at both ends was exercised
+
+
+# ------------------------------------------------------------------------------------------- sum tree
+def chi_square_pvalue(counts, priorities):
+    expected = priorities / priorities.sum() * counts.sum()
+    used = priorities > 0
+    assert counts[~used].sum() == 0  # zero priority is never drawn
+    return stats.chisquare(counts[used], expected[used]).pvalue
+
+
+def test_sum_tree_sampling_frequencies_follow_priorities():
+    rng = np.random.default_rng(0)
+    capacity = 37  # not a power of two: spare leaves must never be drawn
+    tree = rainbow.SumTree(capacity)
+    priorities = rng.uniform(0.05, 2.0, capacity)
+    priorities[[3, 17, 36]] = 0.0
+    tree.set(np.arange(capacity), priorities)
+    assert tree.total() == pytest.approx(priorities.sum(), rel=1e-12)
+    np.testing.assert_array_equal(tree.get(np.arange(capacity)), priorities)
+    draws = tree.sample(rng, 200_000)
+    counts = np.bincount(draws, minlength=tree.leaves)
+    assert counts[capacity:].sum() == 0
+    assert chi_square_pvalue(counts[:capacity], priorities) > 1e-3
+
+    # an update changes the frequencies: the new ones match the new priorities and reject the old ones
+    new = priorities.copy()
+    new[:10] *= 8.0
+    new[20] = 0.0
+    tree.set(np.arange(10), new[:10])
+    tree.set(20, 0.0)
+    assert tree.total() == pytest.approx(new.sum(), rel=1e-12)
+    counts = np.bincount(tree.sample(rng, 200_000), minlength=tree.leaves)[:capacity]
+    assert chi_square_pvalue(counts, new) > 1e-3
+    assert stats.chisquare(counts[priorities > 0], (priorities / priorities.sum() * counts.sum())[priorities > 0]).pvalue < 1e-12
+
+
+def test_sum_tree_repeated_slots_take_the_last_value_and_total_stays_exact():
+    tree = rainbow.SumTree(5)
+    tree.set(np.array([1, 3, 1, 1]), np.array([2.0, 4.0, 8.0, 0.5]))
+    np.testing.assert_array_equal(tree.get(np.arange(5)), [0.0, 0.5, 0.0, 4.0, 0.0])
+    assert tree.total() == 4.5
+    rng = np.random.default_rng(1)
+    for _ in range(2000):  # many small updates: the total is recomputed, never accumulated, so it stays exact
+        idx = rng.integers(0, 5, 3)
+        tree.set(idx, rng.uniform(0, 1, 3))
+    assert tree.total() == pytest.approx(tree.get(np.arange(5)).sum(), rel=1e-15)
+    with pytest.raises(ValueError):
+        tree.set(0, -1.0)
+
+
+def test_sum_tree_at_one_million_slots():
+    """1M leaves: a 2^20-leaf tree (20 levels per operation); batched set and sample agree with the leaves."""
+    capacity = 1_000_000
+    tree = rainbow.SumTree(capacity)
+    assert tree.leaves == 2**20 and tree.nodes.nbytes == 2**21 * 8  # 16 MiB next to the 7 GB of frames
+    rng = np.random.default_rng(2)
+    priorities = rng.uniform(0, 1, capacity)
+    tree.set(np.arange(capacity), priorities)
+    assert tree.total() == pytest.approx(priorities.sum(), rel=1e-12)
+    tree.set(999_999, 1e6)  # one heavy slot takes about half of all the mass
+    draws = tree.sample(rng, 10_000)
+    share = np.mean(draws == 999_999)
+    assert share == pytest.approx(1e6 / (1e6 + priorities[:-1].sum()), abs=0.03)
+
+
+# -------------------------------------------------------------------------------- prioritized replay
+def add_steps(rb, rng, n, episode_every=7):
+    for t in range(n):
+        end = (t + 1) % episode_every == 0
+        rb.add(np.full((2,), t, np.float32), t % 3, 1.0, end and t % 2 == 0, end and t % 2 == 1, np.full((2,), t + 1, np.float32))
+
+
+def test_prioritized_buffer_priorities_through_wraparound():
+    """Reference model: each written slot gets the largest priority set so far (1.0 at first) or 0 for an episode's
+    final observation; updated slots take their new priorities; the tree total is their sum."""
+    rng = np.random.default_rng(3)
+    rb = rainbow.PrioritizedReplayBuffer(20, (2,), np.float32, 1, 2, 0.9)
+    reference, max_priority = {}, 1.0
+    for round_ in range(8):
+        before = rb.count
+        add_steps(rb, rng, 9)
+        for slot in range(before, rb.count):
+            reference[slot % 20] = 0.0 if rb.last[slot % 20] else max_priority
+        batch, slots, probs = rb.sample(rng, 6)
+        assert not rb.last[slots].any()
+        np.testing.assert_allclose(probs, [reference[s] / sum(reference.values()) for s in slots], rtol=1e-6)
+        new = rng.uniform(0.1, 1.0 + round_, len(slots))
+        rb.update_priorities(slots, new)
+        for s, p in zip(slots, new):
+            reference[s] = p  # duplicates: the same slot gets its last value
+        max_priority = max(max_priority, new.max())
+        assert rb.max_priority == max_priority
+        assert rb.tree.total() == pytest.approx(sum(reference.values()), rel=1e-12)
+        np.testing.assert_array_equal(rb.tree.get(np.arange(20)), [reference.get(s, 0.0) for s in range(20)])  # unwritten slots: 0
+    assert rb.count > 3 * 20  # wrapped around several times
+
+
+def test_prioritized_sampling_prefers_high_priority_and_skips_invalid():
+    rng = np.random.default_rng(4)
+    rb = rainbow.PrioritizedReplayBuffer(50, (2,), np.float32, 1, 3, 0.9)
+    add_steps(rb, rng, 30, episode_every=100)  # one episode, still running: the newest slots' windows are open
+    rb.update_priorities(np.arange(30), np.full(30, 1e-3))
+    rb.update_priorities(np.array([5]), np.array([10.0]))
+    batch, slots, probs = rb.sample(rng, 4000)
+    assert np.mean(slots == 5) > 0.9
+    assert slots.max() <= 26  # slots 27..29 lack 3 following steps and are redrawn, never returned
+    np.testing.assert_array_equal(batch.obs[:, 0, 0], slots.astype(np.float32))  # frame t holds t
+    assert np.all(probs[slots == 5] == np.float32(10.0 / rb.tree.total()))
+
+
+# ---------------------------------------------------------------------- importance weights, priorities, loss
+def test_importance_weights_and_priorities_by_hand(maybe_jit):
+    weights = maybe_jit(rainbow.importance_weights)(jnp.array([0.1, 0.4, 0.2, 0.1]))
+    # 1/sqrt(P): 3.1623, 1.5811, 2.2361, 3.1623; divided by the largest
+    np.testing.assert_allclose(weights, [1.0, 0.5, np.sqrt(0.5), 1.0], rtol=1e-5)
+    priorities = maybe_jit(rainbow.priorities_from_loss)(jnp.array([0.0, 0.25, 4.0]))
+    np.testing.assert_allclose(priorities, [1e-5, 0.5, 2.0], rtol=1e-4)
+
+
+def test_cross_entropy_by_hand(maybe_jit):
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    target = jnp.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    loss = maybe_jit(rainbow.cross_entropy)(logits, target)
+    np.testing.assert_allclose(loss, [np.log(2.0), -(0.2 * np.log(0.1) + 0.3 * np.log(0.1) + 0.5 * np.log(0.8))], rtol=1e-5)
+    grad = jax.grad(lambda t: rainbow.cross_entropy(logits, t).sum())(target)
+    assert np.all(grad == 0)  # the target is held fixed
+
+
+def test_update_loss_against_numpy():
+    """The jitted update's loss and priorities equal a NumPy recomputation from the two networks' outputs:
+    a* by the target network's Q, projection (reference above), cross-entropy, importance weights."""
+    rng = np.random.default_rng(5)
+    network = rainbow.RainbowNetwork(3, 11, "mlp", 1, False, True, True)
+    support = jnp.linspace(-2.0, 2.0, 11)
+    obs, next_obs = rng.normal(size=(6, 4, 1)).astype(np.float32), rng.normal(size=(6, 4, 1)).astype(np.float32)
+    params = network.init(jax.random.key(0), obs)["params"]
+    target_params = network.init(jax.random.key(1), obs)["params"]
+    batch = rainbow.Batch(obs, np.array([0, 2, 1, 1, 0, 2], np.int32), rng.normal(size=6).astype(np.float32),
+                          np.array([0.9, 0.0, 0.81, 0.9, 0.9, 0.0], np.float32), next_obs)
+    probs = np.array([0.1, 0.05, 0.2, 0.3, 0.15, 0.2], np.float32)
+    import optax
+
+    tx = optax.adam(1e-3)
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+    state = rainbow.TrainState(params=params, target_params=target_params, masks=masks, opt_state=tx.init(params),
+                               grad_step=jnp.zeros((), jnp.int32), key=jax.random.key(2))
+    update = rainbow.make_update(network, tx, "none", support)
+    _, metrics, priorities = update(state, batch, probs, None)
+
+    softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    next_p = softmax(np.asarray(network.apply({"params": target_params}, next_obs), np.float64))  # (B, A, atoms)
+    best = (next_p * np.asarray(support)).sum(-1).argmax(-1)
+    target = projection_reference(next_p[np.arange(6), best], batch.rewards, batch.discounts, np.asarray(support, np.float64))
+    p = softmax(np.asarray(network.apply({"params": params}, obs), np.float64))[np.arange(6), batch.actions]
+    losses = -(target * np.log(p)).sum(-1)
+    weights = probs.astype(np.float64) ** -0.5 / (probs.astype(np.float64) ** -0.5).max()
+    assert float(metrics["losses/td_loss"]) == pytest.approx(np.mean(weights * losses), rel=1e-4)
+    assert float(metrics["losses/q_values"]) == pytest.approx((p * np.asarray(support)).sum(-1).mean(), abs=1e-5)
+    np.testing.assert_allclose(priorities, np.sqrt(losses + 1e-10), rtol=1e-4)
+
+
+def test_q_values_and_head_shape():
+    network = rainbow.RainbowNetwork(5, 51, "cnn", 1, False, True, True)
+    x = jnp.zeros((3, 84, 84, 4), jnp.uint8)
+    params = network.init(jax.random.key(0), x)["params"]
+    assert params["logits"]["kernel"].shape == (512, 5 * 51)
+    logits = network.apply({"params": params}, x)
+    assert logits.shape == (3, 5, 51)
+    q = rainbow.q_values(logits, jnp.linspace(-10, 10, 51))
+    p = np.asarray(jax.nn.softmax(logits))
+    np.testing.assert_allclose(q, (p * np.linspace(-10, 10, 51)).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_c51_output_kernel_erk_sparsity():
+    """SPEC 2.4: at 95% the C51 output kernel (512 x A*51) is about 0.88-0.94 sparse under ERK (0.942 at k=1, A=18; the DQN one is dense)."""
+    for width, actions in ((1, 18), (3, 18), (3, 6)):
+        network = rainbow.RainbowNetwork(actions, 51, "resnet", width, False, True, True)
+        shapes = jax.eval_shape(network.init, jax.random.key(0), jnp.zeros((1, 84, 84, 4), jnp.uint8))["params"]
+        targets = rainbow.target_sparsities(shapes, 0.95, "erk")
+        assert 0.88 <= targets["logits"]["kernel"] <= 0.945, (width, actions, targets["logits"]["kernel"])
+        assert rainbow.overall_sparsity(shapes, targets) == pytest.approx(0.95, abs=1e-5)
