@@ -30,7 +30,7 @@ Deviations from the paper and its code (the same list is in the README)
        final observation and has priority 0, so it is never drawn.
 
 Examples (the README explains both)
-    python rainbow_pruned.py --env-id CartPole-v1 --network mlp --sparsity 0.9 ...   # a 3-minute CPU run
+    python rainbow_pruned.py --env-id CartPole-v1 --network mlp --sparsity 0.9 ...   # a 2-minute CPU run
     python rainbow_pruned.py --env-id ALE/Pong-v5 --width-scale 3                     # the paper's setting, a GPU job
 """
 
