@@ -9,11 +9,14 @@ import pytest
 from flax import serialization
 
 import dqn_pruned as dqn
+import iqn_pruned as iqn
+import miqn_pruned as miqn
 import rainbow_pruned as rainbow
 from conftest import read_scalars, run_script
 
 # script -> (module, name of the output layer)
-SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits")}
+SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits"), "iqn_pruned.py": (iqn, "q"), "miqn_pruned.py": (miqn, "q")}
+FEWER_QUANTILES = ["--num-tau-samples", "8", "--num-tau-prime-samples", "8", "--num-quantile-samples", "4"]  # tiny runs
 
 TINY_PONG = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "240", "--learning-starts", "80", "--batch-size", "8",
              "--buffer-size", "1000", "--train-frequency", "4", "--target-network-frequency", "50",
@@ -36,7 +39,8 @@ RUNS = [(script, method, "cnn") for script in SCRIPTS for method in ("gmp", "rig
 @pytest.mark.parametrize("script, method, network", RUNS + [("dqn_pruned.py", "gmp", "resnet")])
 def test_tiny_pong_run(tmp_path, script, method, network):
     module, output_layer = SCRIPTS[script]
-    result = run_script(script, *TINY_PONG, "--pruning-method", method, "--network", network, "--save-model",
+    extra = FEWER_QUANTILES if module in (iqn, miqn) else []
+    result = run_script(script, *TINY_PONG, *extra, "--pruning-method", method, "--network", network, "--save-model",
                         "--exp-name", f"tiny_{method}", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ALE_Pong-v5__tiny_{method}__1__*"))
@@ -96,7 +100,16 @@ BAD_RAINBOW_INPUTS = [
     (["--v-min", "5", "--v-max", "5"], "need --v-min (5.0) < --v-max (5.0)"),
     (["--buffer-size", "6", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (6) must be >= frame stack + n-step (7)"),
 ]
-CASES = [("dqn_pruned.py", *case) for case in BAD_INPUTS] + [("rainbow_pruned.py", *case) for case in BAD_RAINBOW_INPUTS + BAD_INPUTS[:2]]
+BAD_IQN_INPUTS = [
+    (["--kappa", "0"], "--kappa must be > 0, got 0.0"),
+    (["--num-tau-samples", "0"], "--num-tau-samples must be > 0"),
+]
+BAD_MIQN_INPUTS = [
+    (["--munchausen-tau", "0"], "--munchausen-tau must be > 0, got 0.0"),
+    (["--munchausen-clip", "0.5"], "--munchausen-clip must be <= 0"),
+]
+CASES = ([("dqn_pruned.py", *case) for case in BAD_INPUTS] + [("rainbow_pruned.py", *case) for case in BAD_RAINBOW_INPUTS + BAD_INPUTS[:2]]
+         + [("iqn_pruned.py", *case) for case in BAD_IQN_INPUTS + BAD_INPUTS[:2]] + [("miqn_pruned.py", *case) for case in BAD_MIQN_INPUTS + BAD_IQN_INPUTS[:1]])
 
 
 @pytest.mark.parametrize("script, flags, message", CASES, ids=[f"{c[0][:-10]}: {c[2][:30]}" for c in CASES])
@@ -117,7 +130,7 @@ def readme_flag_rows(script: str) -> str:
     tables = flags.split("\n### ")
     if script == "dqn_pruned.py":
         return tables[0]
-    return next(t for t in tables[1:] if t.startswith(f"`{script}`"))
+    return next(t for t in tables[1:] if f"`{script}`" in t.splitlines()[0])  # the table under `### ...script...`
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -32,7 +32,7 @@ def shared_sections(path: str) -> dict:
 
 
 def test_scripts_are_found():
-    assert {"dqn_pruned.py", "rainbow_pruned.py"} <= {os.path.basename(s) for s in SCRIPTS}
+    assert {"dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py"} <= {os.path.basename(s) for s in SCRIPTS}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)

@@ -8,10 +8,12 @@ import pytest
 import tyro
 
 import dqn_pruned as dqn
+import iqn_pruned as iqn
+import miqn_pruned as miqn
 import rainbow_pruned as rainbow
 from conftest import ROOT, read_scalars
 
-MODULES = {"dqn_pruned.py": dqn, "rainbow_pruned.py": rainbow}
+MODULES = {"dqn_pruned.py": dqn, "rainbow_pruned.py": rainbow, "iqn_pruned.py": iqn, "miqn_pruned.py": miqn}
 
 
 def readme_command(script: str, marker: str) -> list:
@@ -87,3 +89,18 @@ def test_readme_rainbow_paper_command_uses_the_paper_settings():
     assert (args.start_e, args.end_e, args.exploration_steps) == (1.0, 0.01, 250_000)
     assert rainbow.prune_window(args) == (499_000, 1_996_000, 1000)
     rainbow.check_args(args)
+
+
+@pytest.mark.parametrize("script", ["iqn_pruned.py", "miqn_pruned.py"])
+def test_readme_iqn_paper_commands_use_the_paper_settings(script):
+    """SPEC 3.3-3.4: N = N' = 64, K = 32, kappa 1, 64 cosines, 3-step, Adam 5e-5 / 3.125e-4; M-IQN tau 0.03, alpha 0.9, l_0 -1."""
+    module = MODULES[script]
+    args = tyro.cli(module.Args, args=readme_command(script, "--width-scale 3"))
+    assert (args.network, args.width_scale, args.pruning_method, args.sparsity, args.sparsity_distribution) == ("resnet", 3, "gmp", 0.95, "erk")
+    assert (args.num_tau_samples, args.num_tau_prime_samples, args.num_quantile_samples, args.kappa, args.quantile_embedding_dim) == (64, 64, 32, 1.0, 64)
+    assert (args.n_step, args.learning_rate, args.adam_eps, args.batch_size, args.buffer_size, args.gamma) == (3, 5e-5, 3.125e-4, 32, 1_000_000, 0.99)
+    assert (args.total_timesteps, args.learning_starts, args.train_frequency, args.target_network_frequency) == (10_000_000, 20_000, 4, 8000)
+    if module is miqn:
+        assert (args.munchausen_tau, args.munchausen_alpha, args.munchausen_clip) == (0.03, 0.9, -1.0)
+    assert module.prune_window(args) == (499_000, 1_996_000, 1000)
+    module.check_args(args)
