@@ -34,6 +34,7 @@ Deviations from the paper and its code (the same list is in the README)
        heads here, not Dopamine's variance_scaling(1/sqrt(3)) of the Nature-CNN IQN. The K argmax quantiles and the
        N' target quantiles come from one target-network pass (the K + N' fractions share the torso), which is the
        same computation as Dopamine's two passes.
+    9. n = 3 by default, following the paper's Table 2; the original M-IQN uses n = 1 (--n-step 1).
 
 Examples (the README explains both)
     python miqn_pruned.py --env-id CartPole-v1 --network mlp --sparsity 0.9 ...   # a 2-minute CPU run
@@ -659,7 +660,7 @@ def sparsity_summary(params) -> dict:
 # ------------------------------------------------------------ end shared: sparse training
 
 
-# ================================================================================ algorithm: IQN
+# ============================================================================== algorithm: M-IQN
 def quantile_huber_loss(pred: jax.Array, target: jax.Array, taus: jax.Array, kappa: float) -> jax.Array:
     """Quantile Huber loss (Dabney et al. 2018, Eq. 10; SPEC 3.3), the target held fixed. With
     delta_ij = target_j - pred_i: rho_ij = |tau_i - 1{delta_ij < 0}| * H_kappa(delta_ij) / kappa, where

@@ -466,6 +466,15 @@ class SumTree:
 
     def set(self, idx, priorities) -> None:
         """Sets the priorities of slots `idx` (a repeated slot takes its last value), then refreshes their ancestors."""
+        if np.ndim(idx) == 0:  # one slot (every env step): a plain loop up the tree, several times faster
+            node, value = int(idx) + self.leaves, float(priorities)
+            if not 0 <= value < math.inf:
+                raise ValueError("priorities must be finite and >= 0")
+            self.nodes[node] = value
+            while node > 1:
+                node >>= 1
+                self.nodes[node] = self.nodes[2 * node] + self.nodes[2 * node + 1]
+            return
         idx, priorities = np.atleast_1d(idx).astype(np.int64), np.broadcast_to(priorities, np.shape(np.atleast_1d(idx)))
         if len(idx) > 1:  # keep the last occurrence of each slot
             last = len(idx) - 1 - np.unique(idx[::-1], return_index=True)[1]

@@ -160,12 +160,71 @@ def test_prioritized_sampling_prefers_high_priority_and_skips_invalid():
     rb = rainbow.PrioritizedReplayBuffer(50, (2,), np.float32, 1, 3, 0.9)
     add_steps(rb, rng, 30, episode_every=100)  # one episode, still running: the newest slots' windows are open
     rb.update_priorities(np.arange(30), np.full(30, 1e-3))
-    rb.update_priorities(np.array([5]), np.array([10.0]))
+    rb.update_priorities(np.array([5, 27, 28, 29]), np.array([10.0, 10.0, 10.0, 10.0]))
+    assert np.mean(np.isin(rb.tree.sample(rng, 4000), [27, 28, 29])) > 0.7  # the tree draws them often...
     batch, slots, probs = rb.sample(rng, 4000)
+    assert slots.max() <= 26  # ...but slots 27..29 lack 3 following steps: they are redrawn, never returned
     assert np.mean(slots == 5) > 0.9
-    assert slots.max() <= 26  # slots 27..29 lack 3 following steps and are redrawn, never returned
     np.testing.assert_array_equal(batch.obs[:, 0, 0], slots.astype(np.float32))  # frame t holds t
     assert np.all(probs[slots == 5] == np.float32(10.0 / rb.tree.total()))
+
+
+class TopOfRange:
+    """A stand-in generator whose uniform draws are all the largest float below 1: the descent then meets the
+    rounding case where the remaining mass is >= a left sum although the right subtree is empty."""
+
+    def random(self, n):
+        return np.full(n, np.nextafter(1.0, 0.0))
+
+
+def test_sum_tree_never_draws_an_empty_slot_at_the_top_of_the_range():
+    rng = np.random.default_rng(6)
+    for _ in range(3000):
+        capacity = int(rng.integers(2, 40))
+        priorities = rng.uniform(0, 1, capacity) * (rng.random(capacity) < 0.6)
+        priorities[rng.integers(capacity)] = rng.uniform(0.1, 1)  # at least one non-zero
+        tree = rainbow.SumTree(capacity)
+        tree.set(np.arange(capacity), priorities)
+        drawn = tree.sample(TopOfRange(), 3)
+        assert np.all(priorities[drawn] > 0), (priorities, drawn)
+
+
+def test_sum_tree_one_slot_and_many_slot_updates_agree():
+    rng = np.random.default_rng(7)
+    one, many = rainbow.SumTree(23), rainbow.SumTree(23)
+    for _ in range(300):
+        idx, value = int(rng.integers(23)), float(rng.uniform(0, 3))
+        one.set(idx, value)  # the scalar path taken at every env step
+        many.set(np.array([idx]), np.array([value]))
+    np.testing.assert_array_equal(one.nodes, many.nodes)
+    for bad in (-1.0, np.nan, np.inf):
+        with pytest.raises(ValueError):
+            one.set(3, bad)
+    one_slot = rainbow.SumTree(1)  # capacity 1: the leaf is the root
+    one_slot.set(0, 2.5)
+    assert one_slot.total() == 2.5 and list(one_slot.sample(rng, 4)) == [0, 0, 0, 0]
+
+
+def test_training_loop_feeds_priorities_back(tmp_path, monkeypatch):
+    """In main(), every gradient step writes the update's new priorities sqrt(CE + 1e-10) for the sampled slots."""
+    calls = []
+    original = rainbow.PrioritizedReplayBuffer.update_priorities
+
+    def recording(self, idx, priorities):
+        calls.append((np.array(idx), np.array(priorities)))
+        original(self, idx, priorities)
+
+    monkeypatch.setattr(rainbow.PrioritizedReplayBuffer, "update_priorities", recording)
+    monkeypatch.chdir(tmp_path)
+    args = rainbow.Args(env_id="CartPole-v1", network="mlp", total_timesteps=200, learning_starts=100, train_frequency=2,
+                        batch_size=16, buffer_size=500, exploration_steps=100, target_network_frequency=50,
+                        log_frequency=50, pruning_method="none", exp_name="priorities")
+    rainbow.main(args)
+    assert len(calls) == rainbow.num_grad_steps(200, 100, 2) == 50
+    for idx, priorities in calls:
+        assert idx.shape == priorities.shape == (16,)
+        assert np.all(priorities > 0.1) and np.all(np.isfinite(priorities))  # cross-entropies of 51 atoms, not the initial 1.0
+        assert not np.allclose(priorities, 1.0)
 
 
 # ---------------------------------------------------------------------- importance weights, priorities, loss
