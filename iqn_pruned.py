@@ -436,15 +436,23 @@ class ReplayBuffer:
             valid &= self._age(idx) >= self.stack - 1
         return returns, discounts, (idx + steps) % self.capacity, valid
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        """Uniform over valid slots (rejection sampling)."""
-        idx = rng.integers(0, self.size, batch_size)
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n stored slots, uniformly (a prioritized buffer overrides this)."""
+        return rng.integers(0, self.size, n)
+
+    def sample_slots(self, rng: np.random.Generator, batch_size: int):
+        """(batch, slots): slots from draw(); those whose n-step window or frame stack is incomplete are redrawn."""
+        idx = self.draw(rng, batch_size)
         for _ in range(1000):
             returns, discounts, next_idx, valid = self.n_step_window(idx)
             if valid.all():
-                return Batch(self.stacked(idx), self.actions[idx], returns, discounts, self.stacked(next_idx))
-            idx[~valid] = rng.integers(0, self.size, int((~valid).sum()))
+                return Batch(self.stacked(idx), self.actions[idx], returns, discounts, self.stacked(next_idx)), idx
+            idx[~valid] = self.draw(rng, int((~valid).sum()))
         raise RuntimeError("no valid transition found in 1000 draws; increase --learning-starts or --buffer-size")
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        """Uniform over valid slots (rejection sampling)."""
+        return self.sample_slots(rng, batch_size)[0]
 # ------------------------------------------------------------ end shared: replay buffer
 
 

@@ -1,4 +1,5 @@
 """Shared test setup: the repository root on sys.path, strict shapes, and small helpers."""
+import ast
 import os
 import subprocess
 import sys
@@ -16,6 +17,15 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def run_script(script: str, *flags: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs `python script flags...` through the real CLI in `cwd`."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def args_docstrings(script: str) -> dict:
+    """{field: attribute docstring} of a script's Args class, read from its source as tyro reads it."""
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
 def read_scalars(run_dir: str) -> dict:

@@ -12,7 +12,7 @@ import dqn_pruned as dqn
 import iqn_pruned as iqn
 import miqn_pruned as miqn
 import rainbow_pruned as rainbow
-from conftest import read_scalars, run_script
+from conftest import args_docstrings, read_scalars, run_script
 
 # script -> (module, name of the output layer)
 SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits"), "iqn_pruned.py": (iqn, "q"), "miqn_pruned.py": (miqn, "q")}
@@ -137,15 +137,8 @@ def readme_flag_rows(script: str) -> str:
 def test_readme_flag_table_matches_args(script):
     """Every flag is in the README with its current default and help text (the tables cannot drift from Args): in
     dqn_pruned.py's table, or in the script's own table where its default or help text differs from DQN's."""
-    import ast
-
-    def docs(module):  # field -> attribute docstring, read from the source as tyro does
-        tree = ast.parse(open(module.__file__).read())
-        body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
-        return {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-
     module = SCRIPTS[script][0]
-    own, dqn_docs = docs(module), docs(dqn)
+    own, dqn_docs = args_docstrings(script), args_docstrings("dqn_pruned.py")
     dqn_fields = {f.name: f for f in dataclasses.fields(dqn.Args)}
     for field in dataclasses.fields(module.Args):
         if field.name == "exp_name":  # its default is the script's name

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import dqn_pruned as dqn
-from conftest import ROOT
+from conftest import ROOT, args_docstrings
 
 
 def init(torso, width=1, scale_dense=False, use_bias=True, use_output_bias=True, obs_shape=(84, 84, 4)):
@@ -57,8 +57,7 @@ def test_every_flag_is_read_and_documented(script):
     with open(os.path.join(ROOT, script)) as f:
         text = f.read()
     args_class = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "Args")
-    documented = {a.target.id: b.value.value for a, b in zip(args_class.body, args_class.body[1:])
-                  if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    documented = args_docstrings(script)
     fields = [a.target.id for a in args_class.body if isinstance(a, ast.AnnAssign)]
     assert len(fields) > 25
     for field in fields:
