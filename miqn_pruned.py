@@ -43,6 +43,7 @@ Examples (the README explains both)
 
 # ======================================================================================= imports
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -82,6 +83,10 @@ class Args:
     """write runs/{run_name}/{exp_name}.msgpack: flax msgpack of the plain dict {"params": ..., "masks": ...}"""
     log_frequency: int = 1000
     """env steps between TensorBoard logs of losses, epsilon, SPS and sparsity (episode stats are logged at every episode end)"""
+    save_replay_dir: Optional[str] = None
+    """also write every stored transition to this directory as DQN Replay Dataset checkpoints (METHODS 7.2), an offline dataset for cql_pruned.py; unset: off"""
+    save_replay_checkpoint_size: int = 1_000_000
+    """slots per checkpoint of --save-replay-dir (Dopamine's logged buffers hold 1M)"""
     # ------------------------------------------------------------ end shared: experiment args
 
     # algorithm specific arguments (IQN; SPEC 3, 3.3)
@@ -162,31 +167,10 @@ class ArgsError(ValueError):
 
 
 def check_args(args: Args) -> None:
-    """Raises ArgsError naming the first invalid field (or combination of fields), the algorithm's own checks last."""
-    checks = [
-        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
-        (args.total_timesteps > 0, "--total-timesteps must be > 0"),
-        (args.log_frequency > 0, "--log-frequency must be > 0"),
-        (args.learning_rate > 0, "--learning-rate must be > 0"),
-        (args.adam_eps > 0, "--adam-eps must be > 0"),
-        (args.batch_size > 0, "--batch-size must be > 0"),
-        (args.buffer_size >= args.batch_size, f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})"),
-        (0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
-        (args.n_step >= 1, "--n-step must be >= 1"),
-        (args.target_network_frequency > 0, "--target-network-frequency must be > 0"),
-        (0 <= args.end_e <= args.start_e <= 1, "need 0 <= --end-e <= --start-e <= 1"),
-        (args.exploration_steps > 0, "--exploration-steps must be > 0"),
-        (args.learning_starts >= args.batch_size, f"--learning-starts ({args.learning_starts}) must be >= --batch-size ({args.batch_size})"),
-        (args.learning_starts < args.total_timesteps, "--learning-starts must be < --total-timesteps (no gradient step would run)"),
-        (args.train_frequency > 0, "--train-frequency must be > 0"),
-        (args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}"),
-        (0 <= args.sparsity < 1, f"--sparsity must be in [0, 1), got {args.sparsity}"),
-        (0 <= args.drop_fraction <= 1, "--drop-fraction must be in [0, 1]"),
-        (args.prune_frequency_grad_steps is None or args.prune_frequency_grad_steps > 0, "--prune-frequency-grad-steps must be > 0"),
-    ]
-    start, end = prune_window_fractions(args)
-    checks.append((0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"))
-    for ok, message in checks + algorithm_checks(args):
+    """Raises ArgsError naming the first invalid field (or combination of fields): the run's fields (run_checks), the
+    network width, sparse training's fields (pruning_checks), then the algorithm's own (algorithm_checks)."""
+    checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}")]
+    for ok, message in checks + pruning_checks(args) + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
 # ------------------------------------------------------------ end shared: arg checks
@@ -374,15 +358,17 @@ class IQNNetwork(nn.Module):
 
 
 # ================================================================================= replay buffer
-# ---------------------------------------------------------------- shared: replay buffer
+# ---------------------------------------------------------------- shared: batch
 class Batch(NamedTuple):
     obs: np.ndarray  # (B, *frame_shape, stack) state s_t
     actions: np.ndarray  # (B,) int32
     rewards: np.ndarray  # (B,) float32, n-step discounted sum of (clipped) rewards
     discounts: np.ndarray  # (B,) float32, gamma^k * (1 - terminated); k <= n steps actually taken
     next_obs: np.ndarray  # (B, *frame_shape, stack) state s_{t+k}
+# ------------------------------------------------------------ end shared: batch
 
 
+# ---------------------------------------------------------------- shared: replay buffer
 class ReplayBuffer:
     """Circular buffer of single frames; frame stacks and n-step returns are rebuilt at sample time.
 
@@ -472,6 +458,122 @@ class ReplayBuffer:
         """Uniform over valid slots (rejection sampling)."""
         return self.sample_slots(rng, batch_size)[0]
 # ------------------------------------------------------------ end shared: replay buffer
+
+
+# ---------------------------------------------------------------- shared: dataset format
+# The DQN Replay Dataset (Agarwal et al. 2020; METHODS 7.2), the format of Dopamine's logged replay buffers: checkpoint
+# i of a run is the files {name}_ckpt.{i}.gz of its replay_logs/ directory, each a gzip of one np.save array.
+STORES = ("$store$_observation", "$store$_action", "$store$_reward", "$store$_terminal")  # one entry per slot
+CHECKPOINT_ARRAYS = STORES + ("add_count", "invalid_range")
+TRUNCATION = "truncation"  # not in Dopamine's format: slots holding a truncated episode's final observation
+
+
+def replay_file(directory: str, name: str, suffix: int) -> str:
+    """Path of array `name` of checkpoint `suffix`."""
+    return os.path.join(directory, f"{name}_ckpt.{suffix}.gz")
+
+
+def checkpoint_files(directory: str) -> dict:
+    """{suffix: set of array names} of the checkpoint files in `directory` ({} if it holds none)."""
+    found = {}
+    for file_name in os.listdir(directory) if os.path.isdir(directory) else []:
+        name, _, rest = file_name.partition("_ckpt.")
+        suffix = rest[: -len(".gz")] if rest.endswith(".gz") else ""
+        if suffix.isdigit():
+            found.setdefault(int(suffix), set()).add(name)
+    return found
+# ------------------------------------------------------------ end shared: dataset format
+
+
+# ---------------------------------------------------------------- shared: dataset writer
+def dopamine_invalid_range(cursor: int, capacity: int, stack: int, n_step: int) -> np.ndarray:
+    """Dopamine's invalid_range: the stack + n slots around the write cursor whose frame stack or n-step window
+    would cross it, (cursor - n + i) % capacity for i < stack + n."""
+    return np.array([(cursor - n_step + i) % capacity for i in range(stack + n_step)], np.int64)
+
+
+class DatasetWriter:
+    """Writes every transition the agent stores as DQN Replay Dataset checkpoints of `capacity` slots each, in
+    `directory`, so an online run makes an offline dataset for cql_pruned.py. Same arguments as ReplayBuffer.add.
+
+    Slots follow Dopamine's logged buffers: every episode starts with stack - 1 padding slots (zero frame, action 0,
+    reward 0, not terminal), then one slot per env step (its newest frame, action, stored reward, terminated). A
+    terminated episode's final observation is not stored; a truncated one's is, as one more slot (action 0, reward 0,
+    not terminal) listed in truncation_ckpt.{i}.gz, so that the last transition can bootstrap from it (Dopamine
+    has no such slot: a reader that ignores the file samples these few slots as ordinary transitions).
+    A checkpoint is written when its `capacity` slots are full (add_count: slots written so far) and by close()
+    (add_count: the slots in this last checkpoint; zeros fill its arrays). Frames stream into the gzip file as they
+    come (no second copy in memory); every file is written under a temporary name, fsynced and renamed once the
+    checkpoint is complete, so an interrupted run leaves whole checkpoints.
+    """
+
+    def __init__(self, directory: str, capacity: int, frame_shape: tuple, frame_dtype, stack: int, n_step: int):
+        self.directory, self.capacity, self.stack, self.n_step = directory, capacity, stack, n_step
+        self.frame_shape, self.frame_dtype = tuple(frame_shape), np.dtype(frame_dtype)
+        self.actions = np.zeros(capacity, np.int32)
+        self.rewards = np.zeros(capacity, np.float32)
+        self.terminals = np.zeros(capacity, np.uint8)
+        self.truncations = []  # slots of this checkpoint holding a truncated episode's final observation
+        self.suffix, self.cursor, self.add_count = 0, 0, 0
+        self.observations = None  # (raw file, gzip stream) of this checkpoint's frames, opened at its first slot
+        self.episode_start = True
+        os.makedirs(directory, exist_ok=True)
+
+    def _temporary(self, name: str) -> str:
+        return replay_file(self.directory, name, self.suffix) + ".tmp"
+
+    def _slot(self, frame, action: int, reward: float, terminal: bool) -> None:
+        if self.observations is None:
+            raw = open(self._temporary(STORES[0]), "wb")
+            stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)
+            header = {"descr": np.lib.format.dtype_to_descr(self.frame_dtype), "fortran_order": False, "shape": (self.capacity, *self.frame_shape)}
+            np.lib.format.write_array_header_1_0(stream, header)
+            self.observations = (raw, stream)
+        self.observations[1].write(np.ascontiguousarray(frame, self.frame_dtype).tobytes())
+        self.actions[self.cursor], self.rewards[self.cursor], self.terminals[self.cursor] = action, reward, terminal
+        self.cursor, self.add_count = self.cursor + 1, self.add_count + 1
+        if self.cursor == self.capacity:
+            self._write_checkpoint(self.add_count)
+
+    def add(self, frame, action: int, reward: float, terminated: bool, truncated: bool, next_frame) -> None:
+        if self.episode_start:
+            for _ in range(self.stack - 1):
+                self._slot(np.zeros(self.frame_shape, self.frame_dtype), 0, 0.0, False)
+        self._slot(frame, action, reward, terminated)
+        if truncated and not terminated:
+            self.truncations.append(self.cursor)
+            self._slot(next_frame, 0, 0.0, False)
+        self.episode_start = terminated or truncated
+
+    def _write_checkpoint(self, add_count: int) -> None:
+        raw, stream = self.observations
+        zeros = np.zeros((1024, *self.frame_shape), self.frame_dtype)
+        for start in range(self.cursor, self.capacity, 1024):  # a last, partial checkpoint is zero-filled
+            stream.write(zeros[: self.capacity - start].tobytes())
+        stream.close()  # closes the gzip stream, not the file under it
+        raw.flush()
+        os.fsync(raw.fileno())
+        raw.close()
+        arrays = {STORES[1]: self.actions, STORES[2]: self.rewards, STORES[3]: self.terminals, "add_count": np.array(add_count),
+                  "invalid_range": dopamine_invalid_range(self.cursor % self.capacity, self.capacity, self.stack, self.n_step),
+                  TRUNCATION: np.array(self.truncations, np.int64)}
+        for name, array in arrays.items():
+            with open(self._temporary(name), "wb") as f:
+                with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as stream:
+                    np.save(stream, array, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        for name in (*arrays, STORES[0]):  # the frames last: a checkpoint with its frames file is complete
+            os.replace(self._temporary(name), replay_file(self.directory, name, self.suffix))
+        self.suffix, self.cursor, self.observations, self.truncations = self.suffix + 1, 0, None, []
+        for array in (self.actions, self.rewards, self.terminals):
+            array.fill(0)
+
+    def close(self) -> None:
+        """Writes the last, partial checkpoint (if any slot is pending)."""
+        if self.cursor > 0:
+            self._write_checkpoint(self.cursor)
+# ------------------------------------------------------------ end shared: dataset writer
 
 
 # ============================================================================ sparse training core
@@ -665,6 +767,33 @@ def sparsity_summary(params) -> dict:
     summary["pruning/kernel_sparsity"] = kernel_zeros / max(kernel_size, 1)
     summary["pruning/total_sparsity"] = zeros / size
     return summary
+
+
+def pruning_checks(args: Args) -> list:
+    """(ok, message) pairs for the pruning flags."""
+    start, end = prune_window_fractions(args)
+    return [
+        (0 <= args.sparsity < 1, f"--sparsity must be in [0, 1), got {args.sparsity}"),
+        (0 <= args.drop_fraction <= 1, "--drop-fraction must be in [0, 1]"),
+        (args.prune_frequency_grad_steps is None or args.prune_frequency_grad_steps > 0, "--prune-frequency-grad-steps must be > 0"),
+        (0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"),
+    ]
+
+
+def prune_window_fractions(args: Args) -> tuple:
+    """(start, end) fractions of the gradient steps, with the method's default start."""
+    default_start = 0.2 if args.pruning_method == "gmp" else 0.0
+    start = default_start if args.prune_start_fraction is None else args.prune_start_fraction
+    return start, args.prune_end_fraction
+
+
+def pruning_window(args: Args, total_grad_steps: int) -> tuple:
+    """(t_start, t_end, frequency) in gradient steps: round(fraction * G) of the run's G gradient steps (SPEC 7)."""
+    start, end = prune_window_fractions(args)
+    t_start = round(start * total_grad_steps)
+    t_end = max(round(end * total_grad_steps), t_start + 1)
+    frequency = args.prune_frequency_grad_steps or (1000 if args.pruning_method == "gmp" else 5000)
+    return t_start, t_end, frequency
 # ------------------------------------------------------------ end shared: sparse training
 
 
@@ -731,6 +860,30 @@ def make_update(network: nn.Module, tx: optax.GradientTransformation, method: st
 
 # ========================================================================================== main
 # ---------------------------------------------------------------- shared: run helpers
+def run_checks(args: Args) -> list:
+    """(ok, message) pairs for the fields of the online loop (replay, exploration, schedule, logging)."""
+    return [
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.total_timesteps > 0, "--total-timesteps must be > 0"),
+        (args.log_frequency > 0, "--log-frequency must be > 0"),
+        (args.learning_rate > 0, "--learning-rate must be > 0"),
+        (args.adam_eps > 0, "--adam-eps must be > 0"),
+        (args.batch_size > 0, "--batch-size must be > 0"),
+        (args.buffer_size >= args.batch_size, f"--buffer-size ({args.buffer_size}) must be >= --batch-size ({args.batch_size})"),
+        (0 < args.gamma <= 1, "--gamma must be in (0, 1]"),
+        (args.n_step >= 1, "--n-step must be >= 1"),
+        (args.target_network_frequency > 0, "--target-network-frequency must be > 0"),
+        (0 <= args.end_e <= args.start_e <= 1, "need 0 <= --end-e <= --start-e <= 1"),
+        (args.exploration_steps > 0, "--exploration-steps must be > 0"),
+        (args.learning_starts >= args.batch_size, f"--learning-starts ({args.learning_starts}) must be >= --batch-size ({args.batch_size})"),
+        (args.learning_starts < args.total_timesteps, "--learning-starts must be < --total-timesteps (no gradient step would run)"),
+        (args.train_frequency > 0, "--train-frequency must be > 0"),
+        (args.save_replay_checkpoint_size > 0, "--save-replay-checkpoint-size must be > 0"),
+        (not args.save_replay_dir or not checkpoint_files(args.save_replay_dir),
+         f"--save-replay-dir {args.save_replay_dir} already holds replay checkpoints; choose a new directory"),
+    ]
+
+
 def linear_epsilon(step: int, start_e: float, end_e: float, exploration_steps: int, learning_starts: int) -> float:
     """Epsilon at env step `step`: start_e until learning starts, then linear to end_e over exploration_steps (SPEC 3)."""
     fraction = min(max((step - learning_starts) / exploration_steps, 0.0), 1.0)
@@ -743,46 +896,9 @@ def num_grad_steps(total_timesteps: int, learning_starts: int, train_frequency: 
     return len(range(first, total_timesteps, train_frequency))
 
 
-def prune_window_fractions(args: Args) -> tuple:
-    """(start, end) fractions of the gradient steps, with the method's default start."""
-    default_start = 0.2 if args.pruning_method == "gmp" else 0.0
-    start = default_start if args.prune_start_fraction is None else args.prune_start_fraction
-    return start, args.prune_end_fraction
-
-
 def prune_window(args: Args) -> tuple:
-    """(t_start, t_end, frequency) in gradient steps: round(fraction * G) of the run's G gradient steps (SPEC 7)."""
-    total = num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency)
-    start, end = prune_window_fractions(args)
-    t_start = round(start * total)
-    t_end = max(round(end * total), t_start + 1)
-    frequency = args.prune_frequency_grad_steps or (1000 if args.pruning_method == "gmp" else 5000)
-    return t_start, t_end, frequency
-
-
-def make_run_dir(path: str) -> str:
-    """Creates and returns a new directory `path`, or `path_1`, `path_2`, ... if it exists (two runs never share logs)."""
-    candidate, suffix = path, 0
-    while True:
-        try:
-            os.makedirs(candidate)
-            return candidate
-        except FileExistsError:
-            suffix += 1
-            candidate = f"{path}_{suffix}"
-
-
-def open_run(args: Args, extra_config: dict):
-    """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag plus `extra_config`) and
-    returns (run_dir, TensorBoard writer)."""
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = make_run_dir(os.path.join("runs", run_name))
-    writer = SummaryWriter(run_dir, flush_secs=30)
-    config = dataclasses.asdict(args)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**config, "run_name": run_name, **extra_config}, f, indent=2)
-    return run_dir, writer
+    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps."""
+    return pruning_window(args, num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency))
 
 
 class RunLogger:
@@ -822,6 +938,33 @@ class RunLogger:
             recent = f"{np.mean(self.returns[-20:]):.1f}" if self.returns else "n/a"
             print(f"step {global_step + 1}/{self.args.total_timesteps} | SPS {sps:.0f} | return (last 20) {recent} | "
                   f"sparsity {float(scalars['pruning/kernel_sparsity']):.3f} (target {scheduled:.3f})", flush=True)
+# ------------------------------------------------------------ end shared: run helpers
+
+
+# ---------------------------------------------------------------- shared: run files
+def make_run_dir(path: str) -> str:
+    """Creates and returns a new directory `path`, or `path_1`, `path_2`, ... if it exists (two runs never share logs)."""
+    candidate, suffix = path, 0
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = f"{path}_{suffix}"
+
+
+def open_run(args: Args, extra_config: dict):
+    """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag plus `extra_config`) and
+    returns (run_dir, TensorBoard writer)."""
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = make_run_dir(os.path.join("runs", run_name))
+    writer = SummaryWriter(run_dir, flush_secs=30)
+    config = dataclasses.asdict(args)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({**config, "run_name": run_name, **extra_config}, f, indent=2)
+    return run_dir, writer
 
 
 def save_model(args: Args, run_dir: str, state) -> None:
@@ -830,7 +973,7 @@ def save_model(args: Args, run_dir: str, state) -> None:
     with open(model_path, "wb") as f:
         f.write(serialization.msgpack_serialize({"params": jax.device_get(state.params), "masks": jax.device_get(state.masks)}))
     print(f"model saved to {model_path}")
-# ------------------------------------------------------------ end shared: run helpers
+# ------------------------------------------------------------ end shared: run files
 
 
 def main(args: Args) -> dict:
@@ -870,6 +1013,9 @@ def main(args: Args) -> dict:
         return network.apply({"params": params}, obs[None], taus).mean(axis=1).argmax(-1)[0]
     t_start, t_end, prune_frequency = prune_window(args)
     rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
+    dataset = None
+    if args.save_replay_dir:
+        dataset = DatasetWriter(args.save_replay_dir, args.save_replay_checkpoint_size, frame_shape, frame_dtype, stack, args.n_step)
 
     # logging
     run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency]})
@@ -889,7 +1035,10 @@ def main(args: Args) -> dict:
 
             # step the env; store the clipped reward (Atari protocol), log the unclipped return
             next_frame, reward, terminated, truncated, _ = env.step(action)
-            rb.add(obs_frame, action, np.clip(reward, -1.0, 1.0) if is_atari else reward, terminated, truncated, next_frame)
+            stored_reward = np.clip(reward, -1.0, 1.0) if is_atari else reward
+            rb.add(obs_frame, action, stored_reward, terminated, truncated, next_frame)
+            if dataset is not None:
+                dataset.add(obs_frame, action, stored_reward, terminated, truncated, next_frame)
             episode_return, episode_length = episode_return + float(reward), episode_length + 1
             if terminated or truncated:
                 logger.episode(global_step, episode_return, episode_length)
@@ -911,8 +1060,10 @@ def main(args: Args) -> dict:
                     state = state.replace(target_params=state.params)
 
             logger.step(global_step, epsilon, grad_step, state.params, metrics)
-    finally:
+    finally:  # also when interrupted: the logs and the dataset so far are kept
         writer.close()
+        if dataset is not None:
+            dataset.close()
 
     if args.save_model:
         save_model(args, run_dir, state)

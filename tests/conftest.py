@@ -41,3 +41,27 @@ def read_scalars(run_dir: str) -> dict:
 def maybe_jit(request):
     """Runs a check twice: on the plain function, and on jax.jit of it."""
     return (lambda f, **kw: f) if request.param == "eager" else (lambda f, **kw: jax.jit(f, **kw))
+
+
+def check_saved_masks(module, model_path: str, sparsity: float):
+    """Loads a --save-model file (a plain {"params", "masks"} dict anyone can read without the script) and checks the
+    masks: pruned weights exactly zero, every kernel exactly at its ERK target, biases dense. Returns (params, kept
+    weights, prunable weights)."""
+    import numpy as np
+    from flax import serialization
+
+    with open(model_path, "rb") as f:
+        saved = serialization.msgpack_restore(f.read())
+    params, masks = saved["params"], saved["masks"]
+    assert jax.tree.structure(params) == jax.tree.structure(masks)
+    targets = module.target_sparsities(params, sparsity, "erk")
+    kept = total = 0
+    for p, m, s in zip(jax.tree.leaves(params), jax.tree.leaves(masks), jax.tree.leaves(targets)):
+        assert np.all(p[m == 0] == 0)  # pruned weights are exactly zero
+        if p.ndim > 1:
+            assert int(m.sum()) == module.keep_count(p.size, s)  # each layer at its ERK target, exactly
+            kept, total = kept + int(m.sum()), total + p.size
+        else:
+            assert np.all(m == 1)  # biases are never pruned
+    assert 1 - kept / total == pytest.approx(sparsity, abs=1e-3)
+    return params, kept, total

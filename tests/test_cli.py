@@ -6,13 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import serialization
 
+import cql_pruned as cql
 import dqn_pruned as dqn
 import iqn_pruned as iqn
 import miqn_pruned as miqn
 import rainbow_pruned as rainbow
-from conftest import args_docstrings, read_scalars, run_script
+from conftest import args_docstrings, check_saved_masks, read_scalars, run_script
 
 # script -> (module, name of the output layer)
 SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits"), "iqn_pruned.py": (iqn, "q"), "miqn_pruned.py": (miqn, "q")}
@@ -40,27 +40,20 @@ RUNS = [(script, method, "cnn") for script in SCRIPTS for method in ("gmp", "rig
 def test_tiny_pong_run(tmp_path, script, method, network):
     module, output_layer = SCRIPTS[script]
     extra = FEWER_QUANTILES if module in (iqn, miqn) else []
+    if method == "gmp":  # also writes its replay as an offline dataset
+        extra = extra + ["--save-replay-dir", "data", "--save-replay-checkpoint-size", "100"]
     result = run_script(script, *TINY_PONG, *extra, "--pruning-method", method, "--network", network, "--save-model",
                         "--exp-name", f"tiny_{method}", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ALE_Pong-v5__tiny_{method}__1__*"))
+    if method == "gmp":  # 3 padding slots, then the 240 steps of one unfinished episode, in checkpoints of 100 slots
+        assert sorted(module.checkpoint_files(str(tmp_path / "data"))) == [0, 1, 2]
+        args = cql.Args(dataset_dir=str(tmp_path / "data"), num_checkpoints=3, transitions_per_checkpoint=100, n_step=module.Args().n_step)
+        dataset = cql.load_dataset(cql.resolve(args), (84, 84), np.uint8, 6, 4)
+        assert len(dataset.frames) == 243 and 200 < len(dataset) < 240
 
-    # the saved model is a plain {"params", "masks"} dict anyone can load without the script
-    with open(os.path.join(run_dir, f"tiny_{method}.msgpack"), "rb") as f:
-        saved = serialization.msgpack_restore(f.read())
-    params, masks = saved["params"], saved["masks"]
-    assert jax.tree.structure(params) == jax.tree.structure(masks)
+    params, kept, total = check_saved_masks(module, os.path.join(run_dir, f"tiny_{method}.msgpack"), 0.0 if method == "none" else 0.8)
     target = 0.0 if method == "none" else 0.8
-    targets = module.target_sparsities(params, target, "erk")
-    kept = total = 0
-    for p, m, s in zip(jax.tree.leaves(params), jax.tree.leaves(masks), jax.tree.leaves(targets)):
-        assert np.all(p[m == 0] == 0)  # pruned weights are exactly zero
-        if p.ndim > 1:
-            assert int(m.sum()) == module.keep_count(p.size, s)  # each layer at its ERK target, exactly
-            kept, total = kept + int(m.sum()), total + p.size
-        else:
-            assert np.all(m == 1)  # biases are never pruned
-    assert 1 - kept / total == pytest.approx(target, abs=1e-3)
 
     scalars = read_scalars(run_dir)
     for tag in ("losses/td_loss", "losses/q_values", "charts/SPS", "charts/epsilon", "pruning/target_sparsity",
@@ -92,6 +85,7 @@ BAD_INPUTS = [
     (["--learning-starts", "100", "--total-timesteps", "50"], "--learning-starts must be < --total-timesteps"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--buffer-size", "4", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (4) must be >= frame stack + n-step (5)"),
+    (["--save-replay-dir", "full"], "--save-replay-dir full already holds replay checkpoints; choose a new directory"),
 ]
 
 
@@ -114,6 +108,8 @@ CASES = ([("dqn_pruned.py", *case) for case in BAD_INPUTS] + [("rainbow_pruned.p
 
 @pytest.mark.parametrize("script, flags, message", CASES, ids=[f"{c[0][:-10]}: {c[2][:30]}" for c in CASES])
 def test_bad_input_fails_cleanly(tmp_path, script, flags, message):
+    os.makedirs(tmp_path / "full")
+    open(tmp_path / "full" / "add_count_ckpt.0.gz", "wb").close()  # a directory that already holds a dataset
     result = run_script(script, *flags, cwd=str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: '):]}"]  # one line
@@ -133,11 +129,11 @@ def readme_flag_rows(script: str) -> str:
     return next(t for t in tables[1:] if f"`{script}`" in t.splitlines()[0])  # the table under `### ...script...`
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "cql_pruned.py"])
 def test_readme_flag_table_matches_args(script):
     """Every flag is in the README with its current default and help text (the tables cannot drift from Args): in
     dqn_pruned.py's table, or in the script's own table where its default or help text differs from DQN's."""
-    module = SCRIPTS[script][0]
+    module = cql if script == "cql_pruned.py" else SCRIPTS[script][0]
     own, dqn_docs = args_docstrings(script), args_docstrings("dqn_pruned.py")
     dqn_fields = {f.name: f for f in dataclasses.fields(dqn.Args)}
     for field in dataclasses.fields(module.Args):

@@ -51,7 +51,7 @@ def test_q_values_shape_and_dtype():
     assert q.shape == (3, 5) and q.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("script", ["dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py"])
+@pytest.mark.parametrize("script", ["dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py", "cql_pruned.py"])
 def test_every_flag_is_read_and_documented(script):
     """No flag that lies (STYLE P2): every Args field is read as args.<field> and has a docstring."""
     with open(os.path.join(ROOT, script)) as f:

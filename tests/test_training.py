@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tyro
 
+import cql_pruned as cql
 import dqn_pruned as dqn
 import iqn_pruned as iqn
 import miqn_pruned as miqn
@@ -27,16 +28,38 @@ def readme_command(script: str, marker: str) -> list:
     raise AssertionError(f"no README command `python {script} ...` with {marker!r}")
 
 
-@pytest.mark.parametrize("script", MODULES)
+# The README's dataset command is its main job with --save-replay-dir: run once, for the DQN learning check and for
+# the offline agent (pytest-xdist's loadgroup keeps the tests that share it on one worker).
+SHARES_DATASET = pytest.mark.xdist_group("cartpole_dataset")
+
+
+@pytest.fixture(scope="session")
+def cartpole_dataset(tmp_path_factory):
+    """(result of dqn_pruned.main, dataset directory) of the README's `dqn_pruned.py ... --save-replay-dir` command."""
+    flags = readme_command("dqn_pruned.py", "--save-replay-dir")
+    assert flags[:-2] == readme_command("dqn_pruned.py", "CartPole-v1")  # the main job, plus the flag
+    directory = tmp_path_factory.mktemp("cartpole")
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        result = dqn.main(tyro.cli(dqn.Args, args=flags))
+    finally:
+        os.chdir(cwd)
+    return result, str(directory / flags[-1])
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=SHARES_DATASET) if s == "dqn_pruned.py" else s for s in MODULES])
 @pytest.mark.parametrize("method", ["gmp", "none"])
-def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, script, method):
+def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, request, script, method):
     """The README's CartPole command (GMP to 90%), and the same run dense, reach a mean return >= 195 over the last 20 episodes."""
     module = MODULES[script]
     main_job_args = tyro.cli(module.Args, args=readme_command(script, "CartPole-v1"))
     assert main_job_args.pruning_method == "gmp" and main_job_args.sparsity == 0.9 and main_job_args.network == "mlp"
     monkeypatch.chdir(tmp_path)
-    args = dataclasses.replace(main_job_args, pruning_method=method, exp_name=f"learn_{method}")
-    result = module.main(args)
+    if script == "dqn_pruned.py" and method == "gmp":  # the main job itself, run by the dataset fixture
+        result = request.getfixturevalue("cartpole_dataset")[0]
+    else:
+        result = module.main(dataclasses.replace(main_job_args, pruning_method=method, exp_name=f"learn_{method}"))
     returns = result["episodic_returns"]
     assert np.mean(returns[-20:]) >= 195, returns[-40:]
     assert np.mean(returns[:20]) < 50  # it started out bad: the return rose
@@ -47,6 +70,27 @@ def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, script, method)
         assert scalars["pruning/target_sparsity"][-1][1] == pytest.approx(0.9, abs=1e-3)
     else:
         assert max(sparsity) == 0.0
+
+
+@SHARES_DATASET
+@pytest.mark.parametrize("method", ["gmp", "none"])
+def test_cql_learns_from_the_readme_dataset(tmp_path, monkeypatch, cartpole_dataset, method):
+    """The README's offline command, dense and GMP to 90%, trained only on the dataset the DQN main job wrote:
+    the mean evaluation return of its last 3 iterations is >= 150 (a random policy gets about 22)."""
+    dqn_result, directory = cartpole_dataset
+    files = cql.checkpoint_files(directory)
+    assert list(files) == [0] and files[0] == set(cql.CHECKPOINT_ARRAYS) | {cql.TRUNCATION}
+    readme_args = tyro.cli(cql.Args, args=readme_command("cql_pruned.py", "CartPole-v1"))
+    assert (readme_args.pruning_method, readme_args.sparsity, readme_args.cql_alpha, readme_args.c51) == ("gmp", 0.9, 0.1, False)
+    monkeypatch.chdir(tmp_path)
+    result = cql.main(dataclasses.replace(readme_args, dataset_dir=directory, pruning_method=method, exp_name=f"offline_{method}"))
+    returns = result["eval_returns"]
+    assert len(returns) == readme_args.num_iterations
+    assert np.mean(returns[-3:]) >= 150, returns
+    scalars = read_scalars(result["run_dir"])
+    assert scalars["pruning/kernel_sparsity"][-1][1] == pytest.approx(0.9 if method == "gmp" else 0.0, abs=1e-3)
+    assert [step for step, _ in scalars["charts/eval_return"]] == [2000 * (i + 1) for i in range(len(returns))]
+    assert dqn_result["episodic_returns"]  # the online run that wrote the data
 
 
 def first_losses(module, tmp_path, monkeypatch, seed: int, name: str) -> list:
