@@ -529,10 +529,17 @@ class DatasetWriter:
 
     def _write_checkpoint(self, add_count: int) -> None:
         raw, stream = self.observations
-        zeros = np.zeros((1024, *self.frame_shape), self.frame_dtype)
-        for start in range(self.cursor, self.capacity, 1024):  # a last, partial checkpoint is zero-filled
-            stream.write(zeros[: self.capacity - start].tobytes())
-        stream.close()  # closes the gzip stream, not the file under it
+        stream.close()  # ends the gzip member, not the file under it
+        # A last, partial checkpoint is zero-filled to its declared shape, in further gzip members (readers join the
+        # members of a file): one member of 16 MiB of zeros compressed once and repeated, not 7 GB deflated anew.
+        missing = (self.capacity - self.cursor) * self.frame_dtype.itemsize * math.prod(self.frame_shape)
+        chunk = 1 << 24
+        if missing >= chunk:
+            member = gzip.compress(bytes(chunk), mtime=0)
+            for _ in range(missing // chunk):
+                raw.write(member)
+        if missing % chunk:
+            raw.write(gzip.compress(bytes(missing % chunk), mtime=0))
         raw.flush()
         os.fsync(raw.fileno())
         raw.close()
