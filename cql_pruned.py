@@ -34,7 +34,9 @@ Deviations from the paper and its code (the same list is in the README)
     11. A transition is valid (Dopamine's rules) if it is outside invalid_range, its frame stack holds no earlier
        episode end, and its next state is loaded; Dopamine asks for the whole n-step window, so near the end of a
        loaded range a window cut short by a terminal is kept here. Slots listed in truncation_ckpt (written by
-       --save-replay-dir, absent from the public data) end windows with a bootstrap and are never sampled.
+       --save-replay-dir, absent from the public data) end windows with a bootstrap and are never sampled. In a full
+       checkpoint the slots around the write cursor are also excluded for this reader's stack and n (the file's
+       invalid_range holds the logging agent's n = 1): a 3-step window never ends on the stale slot there.
 
 Examples (the README explains them)
     python dqn_pruned.py --env-id CartPole-v1 ... --save-replay-dir data/cartpole           # make a dataset (CPU)
@@ -427,6 +429,12 @@ def checkpoint_files(directory: str) -> dict:
         if suffix.isdigit():
             found.setdefault(int(suffix), set()).add(name)
     return found
+
+
+def dopamine_invalid_range(cursor: int, capacity: int, stack: int, n_step: int) -> np.ndarray:
+    """Dopamine's invalid_range: the stack + n slots around the write cursor whose frame stack or n-step window
+    would cross it, (cursor - n + i) % capacity for i < stack + n."""
+    return np.array([(cursor - n_step + i) % capacity for i in range(stack + n_step)], np.int64)
 # ------------------------------------------------------------ end shared: dataset format
 
 
@@ -453,23 +461,29 @@ def open_npy_gz(path: str) -> NpyStream:
     return NpyStream(path, stream, shape, dtype)
 
 
-def read_rows(array: NpyStream, rows: Optional[int] = None) -> np.ndarray:
-    """The first `rows` rows of an opened array (all of it if None); a short read is a truncated file. Only what is
-    read is checked: the gzip CRC, at the end of the file, when the whole array is read."""
+def read_rows(array: NpyStream, rows: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The first `rows` rows of an opened array (all of it if None), into `out` if given, in 16 MiB pieces (no second
+    copy of the frames); a short read is a truncated file. Only what is read is checked: the gzip CRC, at the end of
+    the file, when the whole array is read."""
     rows = array.shape[0] if rows is None and array.shape else rows
     shape = (rows, *array.shape[1:]) if array.shape else ()
-    size = math.prod(shape) * array.dtype.itemsize
+    out = np.empty(shape, array.dtype) if out is None else out
+    view, done = memoryview(out.reshape(-1)).cast("B"), 0
     try:
-        data = array.stream.read(size)
-        if shape == array.shape:  # the whole array: reading on to the end checks the gzip CRC
+        while done < len(view):
+            read = array.stream.readinto(view[done:done + (1 << 24)])
+            if not read:
+                break
+            done += read
+        if done == len(view) and shape == array.shape:  # the whole array: reading on to the end checks the gzip CRC
             array.stream.read()
     except (OSError, EOFError, zlib.error) as error:
         raise ArgsError(f"{array.path}: truncated or corrupt ({error})") from None
     finally:
         array.stream.close()
-    if len(data) < size:
-        raise ArgsError(f"{array.path}: truncated: {len(data)} of the {size} bytes of shape {shape} are there")
-    return np.frombuffer(data, array.dtype).reshape(shape)
+    if done < len(view):
+        raise ArgsError(f"{array.path}: truncated: {done} of the {len(view)} bytes of shape {shape} are there")
+    return out
 
 
 def check_array(array: NpyStream, shape: tuple, kinds: str, what: str) -> None:
@@ -526,58 +540,82 @@ class ReplayDataset:
         return Batch(self.stacked(slots), self.actions[slots], self.rewards[i], self.discounts[i], self.stacked(self.next_slots[i]))
 
 
+def read_checkpoint(directory: str, suffix: int, names: set, args: Args, frame_shape: tuple, frame_dtype, num_actions: int, stack: int):
+    """Checks every file of one checkpoint and reads all but its frames: (frames path, slots kept, actions, the
+    valid transitions of window_transitions). Slots kept: the first --transitions-per-checkpoint written ones."""
+    missing = [name for name in CHECKPOINT_ARRAYS if name not in names]
+    if missing:
+        raise ArgsError(f"checkpoint {suffix} in {directory} lacks {', '.join(replay_file(directory, m, suffix) for m in missing)}")
+    file = {name: open_npy_gz(replay_file(directory, name, suffix)) for name in CHECKPOINT_ARRAYS}
+    observations = file[STORES[0]]
+    observations.stream.close()  # its rows are read later, into the dataset's frames
+    capacity = observations.shape[0] if observations.shape else 0
+    if observations.shape != (capacity, *frame_shape) or observations.dtype != frame_dtype:
+        raise ArgsError(f"{observations.path}: expected frames of shape (N, {', '.join(map(str, frame_shape))}) and dtype "
+                        f"{np.dtype(frame_dtype)} for {args.env_id}, got shape {observations.shape} and dtype {observations.dtype}")
+    check_array(file[STORES[1]], (capacity,), "iu", "integer actions")
+    check_array(file[STORES[2]], (capacity,), "f", "float rewards")
+    check_array(file[STORES[3]], (capacity,), "iub", "integer terminal flags")
+    check_array(file["add_count"], (), "iu", "an integer add_count")
+    check_array(file["invalid_range"], file["invalid_range"].shape[:1], "iu", "integer invalid_range slots")
+    add_count = int(read_rows(file["add_count"]))
+    if add_count < 0:
+        raise ArgsError(f"{file['add_count'].path}: add_count {add_count} < 0")
+    rows = min(add_count, capacity, args.transitions_per_checkpoint)
+    actions = read_rows(file[STORES[1]], rows)
+    if rows and not 0 <= actions.min() <= actions.max() < num_actions:
+        raise ArgsError(f"{file[STORES[1]].path}: actions {actions.min()}..{actions.max()}, but {args.env_id} has "
+                        f"{num_actions} actions: a dataset of another game?")
+    invalid_slots = [read_rows(file["invalid_range"])]
+    if add_count >= capacity:  # a full circular buffer: also the slots around its cursor for this reader's stack and n
+        invalid_slots.append(dopamine_invalid_range(add_count % capacity, capacity, stack, args.n_step))
+    truncation_slots = []
+    if TRUNCATION in names:
+        truncation_file = open_npy_gz(replay_file(directory, TRUNCATION, suffix))
+        check_array(truncation_file, truncation_file.shape[:1], "iu", "integer truncation slots")
+        truncation_slots.append(read_rows(truncation_file))
+
+    def flags(slot_lists):  # (rows,) bool: True at the listed slots that were kept
+        out = np.zeros(rows, bool)
+        for slots in slot_lists:
+            out[slots[(slots >= 0) & (slots < rows)]] = True
+        return out
+
+    terminals = read_rows(file[STORES[3]], rows).astype(bool)
+    transitions = window_transitions(read_rows(file[STORES[2]], rows), terminals, flags(truncation_slots), flags(invalid_slots),
+                                     stack, args.n_step, args.gamma)
+    return observations.path, rows, actions.astype(np.int32), transitions
+
+
 def load_dataset(args: Args, frame_shape: tuple, frame_dtype, num_actions: int, stack: int) -> ReplayDataset:
-    """Reads --num-checkpoints checkpoints from --first-checkpoint on, the first --transitions-per-checkpoint slots of
-    each (a checkpoint holds min(add_count, capacity) written slots), checking every file before the frames are read."""
+    """Reads --num-checkpoints checkpoints from --first-checkpoint on, the first --transitions-per-checkpoint written
+    slots of each (a checkpoint holds min(add_count, capacity)), checking every file before any frame is read."""
     directory = args.dataset_dir
     if os.path.isdir(os.path.join(directory, "replay_logs")):
         directory = os.path.join(directory, "replay_logs")
     if not os.path.isdir(directory):
         raise ArgsError(f"--dataset-dir {args.dataset_dir} is not a directory")
-    found = checkpoint_files(directory)
+    try:
+        found = checkpoint_files(directory)
+    except OSError as error:
+        raise ArgsError(f"--dataset-dir {directory}: {error}") from None
     if not found:
         raise ArgsError(f"--dataset-dir {directory} holds no replay checkpoints ({replay_file(directory, STORES[0], 0)}, ...)")
     wanted = range(args.first_checkpoint, args.first_checkpoint + args.num_checkpoints)
     if not set(wanted) <= set(found):
         raise ArgsError(f"--dataset-dir {directory} has checkpoints {sorted(found)}; --first-checkpoint {args.first_checkpoint} "
                         f"--num-checkpoints {args.num_checkpoints} asks for {wanted.start}..{wanted.stop - 1}")
-    pieces, total = [], 0
-    for suffix in wanted:
-        missing = [name for name in CHECKPOINT_ARRAYS if name not in found[suffix]]
-        if missing:
-            raise ArgsError(f"checkpoint {suffix} in {directory} lacks {', '.join(replay_file(directory, m, suffix) for m in missing)}")
-        file = {name: open_npy_gz(replay_file(directory, name, suffix)) for name in CHECKPOINT_ARRAYS}
-        observations = file[STORES[0]]
-        capacity = observations.shape[0] if observations.shape else 0
-        if observations.shape != (capacity, *frame_shape) or observations.dtype != frame_dtype:
-            raise ArgsError(f"{observations.path}: expected frames of shape (N, {', '.join(map(str, frame_shape))}) and dtype "
-                            f"{np.dtype(frame_dtype)} for {args.env_id}, got shape {observations.shape} and dtype {observations.dtype}")
-        check_array(file[STORES[1]], (capacity,), "iu", "integer actions")
-        check_array(file[STORES[2]], (capacity,), "f", "float rewards")
-        check_array(file[STORES[3]], (capacity,), "iub", "integer terminal flags")
-        check_array(file["add_count"], (), "iu", "an integer add_count")
-        check_array(file["invalid_range"], file["invalid_range"].shape[:1], "iu", "integer invalid_range slots")
-        rows = min(int(read_rows(file["add_count"])), capacity, args.transitions_per_checkpoint)
-        actions = read_rows(file[STORES[1]], rows).astype(np.int32)
-        if rows and not 0 <= actions.min() <= actions.max() < num_actions:
-            raise ArgsError(f"{file[STORES[1]].path}: actions {actions.min()}..{actions.max()}, but {args.env_id} has "
-                            f"{num_actions} actions: a dataset of another game?")
-        truncation, invalid = np.zeros(rows, bool), np.zeros(rows, bool)
-        invalid_slots = read_rows(file["invalid_range"])
-        invalid[invalid_slots[invalid_slots < rows]] = True
-        if TRUNCATION in found[suffix]:
-            truncation_file = open_npy_gz(replay_file(directory, TRUNCATION, suffix))
-            check_array(truncation_file, truncation_file.shape[:1], "iu", "integer truncation slots")
-            truncation_slots = read_rows(truncation_file)
-            truncation[truncation_slots[truncation_slots < rows]] = True
-        terminals = read_rows(file[STORES[3]], rows).astype(bool)
-        transitions = window_transitions(read_rows(file[STORES[2]], rows), terminals, truncation, invalid, stack, args.n_step, args.gamma)
-        pieces.append((observations, rows, actions, transitions, total))
-        total += rows
-    frames = np.empty((total, *frame_shape), frame_dtype)  # read straight into one array: no second copy
-    for observations, rows, _, _, offset in pieces:
-        frames[offset:offset + rows] = read_rows(observations, rows)
-    starts, rewards, discounts, next_slots = (np.concatenate([t[i] + (offset if i in (0, 3) else 0) for _, _, _, t, offset in pieces]) for i in range(4))
+    pieces = [read_checkpoint(directory, s, found[s], args, frame_shape, frame_dtype, num_actions, stack) for s in wanted]
+    offsets = np.cumsum([0] + [rows for _, rows, _, _ in pieces])
+    try:
+        frames = np.empty((offsets[-1], *frame_shape), frame_dtype)
+    except MemoryError:
+        raise ArgsError(f"not enough memory for {offsets[-1]} frames ({offsets[-1] * math.prod(frame_shape) * np.dtype(frame_dtype).itemsize / 2**30:.1f} GiB): "
+                        "lower --transitions-per-checkpoint or --num-checkpoints") from None
+    for (path, rows, _, _), offset in zip(pieces, offsets):
+        read_rows(open_npy_gz(path), rows, out=frames[offset:offset + rows])
+    starts, rewards, discounts, next_slots = (np.concatenate([t[i] + (o if i in (0, 3) else 0) for (_, _, _, t), o in zip(pieces, offsets)])
+                                              for i in range(4))
     dataset = ReplayDataset(frames, np.concatenate([p[2] for p in pieces]), starts, rewards, discounts, next_slots, stack)
     if len(dataset) == 0:
         raise ArgsError(f"no valid transition in checkpoints {wanted.start}..{wanted.stop - 1} of {directory}")

@@ -482,16 +482,16 @@ def checkpoint_files(directory: str) -> dict:
         if suffix.isdigit():
             found.setdefault(int(suffix), set()).add(name)
     return found
-# ------------------------------------------------------------ end shared: dataset format
 
 
-# ---------------------------------------------------------------- shared: dataset writer
 def dopamine_invalid_range(cursor: int, capacity: int, stack: int, n_step: int) -> np.ndarray:
     """Dopamine's invalid_range: the stack + n slots around the write cursor whose frame stack or n-step window
     would cross it, (cursor - n + i) % capacity for i < stack + n."""
     return np.array([(cursor - n_step + i) % capacity for i in range(stack + n_step)], np.int64)
+# ------------------------------------------------------------ end shared: dataset format
 
 
+# ---------------------------------------------------------------- shared: dataset writer
 class DatasetWriter:
     """Writes every transition the agent stores as DQN Replay Dataset checkpoints of `capacity` slots each, in
     `directory`, so an online run makes an offline dataset for cql_pruned.py. Same arguments as ReplayBuffer.add.
@@ -503,8 +503,8 @@ class DatasetWriter:
     has no such slot: a reader that ignores the file samples these few slots as ordinary transitions).
     A checkpoint is written when its `capacity` slots are full (add_count: slots written so far) and by close()
     (add_count: the slots in this last checkpoint; zeros fill its arrays). Frames stream into the gzip file as they
-    come (no second copy in memory); every file is written under a temporary name, fsynced and renamed once the
-    checkpoint is complete, so an interrupted run leaves whole checkpoints.
+    come (no second copy in memory). Every file is written under a temporary name and fsynced; then they are renamed,
+    the frames file last, so a checkpoint that has its frames file is complete.
     """
 
     def __init__(self, directory: str, capacity: int, frame_shape: tuple, frame_dtype, stack: int, n_step: int):
@@ -546,7 +546,7 @@ class DatasetWriter:
         self.episode_start = terminated or truncated
 
     def _write_checkpoint(self, add_count: int) -> None:
-        raw, stream = self.observations
+        (raw, stream), self.observations = self.observations, None  # an interrupted write is not retried by close()
         stream.close()  # ends the gzip member, not the file under it
         # A last, partial checkpoint is zero-filled to its declared shape, in further gzip members (readers join the
         # members of a file): one member of 16 MiB of zeros compressed once and repeated, not 7 GB deflated anew.
@@ -572,13 +572,18 @@ class DatasetWriter:
                 os.fsync(f.fileno())
         for name in (*arrays, STORES[0]):  # the frames last: a checkpoint with its frames file is complete
             os.replace(self._temporary(name), replay_file(self.directory, name, self.suffix))
-        self.suffix, self.cursor, self.observations, self.truncations = self.suffix + 1, 0, None, []
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the renames themselves reach the disk
+        finally:
+            os.close(directory)
+        self.suffix, self.cursor, self.truncations = self.suffix + 1, 0, []
         for array in (self.actions, self.rewards, self.terminals):
             array.fill(0)
 
     def close(self) -> None:
         """Writes the last, partial checkpoint (if any slot is pending)."""
-        if self.cursor > 0:
+        if self.observations is not None:
             self._write_checkpoint(self.cursor)
 # ------------------------------------------------------------ end shared: dataset writer
 

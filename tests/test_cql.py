@@ -292,3 +292,51 @@ def test_resolve_fills_each_column():
     assert (plain.num_iterations, plain.grad_steps_per_iteration, plain.eval_steps, plain.eval_epsilon) == (200, 62_500, 125_000, 0.001)
     assert (plain.num_checkpoints, plain.transitions_per_checkpoint) == (50, 50_000)  # the paper's 5%
     assert cql.pruning_window(plain, 200 * 62_500) == (2_500_000, 10_000_000, 1000)  # 20% / 80% of 12.5M
+
+
+def test_dopamine_full_checkpoint_with_a_longer_window(tmp_path):
+    """Dopamine logs a full buffer when add_count % capacity == capacity - 1: slot capacity - 1 still holds the previous
+    round's data and its invalid_range was computed for the logger's n = 1. Read with n = 3, the reader also excludes
+    the slots whose 3-step window would end on that stale slot."""
+    frames, actions, rewards, terminals, _, _ = hand_checkpoint()
+    for j in range(24, 29):  # episode C goes on to slot 28
+        frames[j] = j + 1
+    frames[29], terminals[29] = 99, 1  # stale: from the previous million steps
+    cursor = 29
+    dopamine_checkpoint(tmp_path, 0, frames, actions, rewards, terminals, 2 * 30 - 1, [(cursor - 1 + i) % 30 for i in range(5)])
+    one = transitions(load(tmp_path, n_step=1))
+    three = transitions(load(tmp_path, n_step=3))
+    assert max(one) == 27 and one[27][2] == 28  # 28 and 29 are in the logged invalid_range
+    assert max(three) == 25 and three[25][2] == 28  # 26, 27 would reach slot 29
+    assert all(next_slot != 29 for _, _, next_slot in three.values())
+
+
+class CountingEnv:
+    """Episodes of 5 steps with reward 1 per step; records the actions it gets."""
+
+    class ActionSpace:
+        n = 3
+
+    action_space = ActionSpace()
+
+    def __init__(self):
+        self.actions, self.t = [], 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.actions.append(action)
+        self.t += 1
+        return np.full(2, self.t, np.float32), 1.0, self.t == 5, False, {}
+
+
+def test_evaluate_plays_whole_episodes():
+    env = CountingEnv()
+    returns = cql.evaluate(env, lambda params, obs: 2, None, np.random.default_rng(0), 12, 0.0, 1)
+    assert returns == [5.0, 5.0, 5.0] and len(env.actions) == 15  # the episode running at step 12 finishes
+    assert set(env.actions) == {2}  # greedy
+    env = CountingEnv()
+    cql.evaluate(env, lambda params, obs: 2, None, np.random.default_rng(0), 300, 1.0, 1)
+    assert set(env.actions) == {0, 1, 2}  # epsilon 1: uniformly random actions

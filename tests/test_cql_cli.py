@@ -108,6 +108,8 @@ BAD_DATA = [  # (what to do to a good dataset, flags, message)
     ("reward dtype", lambda d: replace_array(os.path.join(d, REW), np.zeros(256, np.int32)), [], "expected float rewards"),
     ("action length", lambda d: replace_array(os.path.join(d, ACT), np.zeros(100, np.int32)), [], "expected integer actions of shape (256,)"),
     ("other game", lambda d: replace_array(os.path.join(d, ACT), np.full(256, 17, np.int32)), [], "has 6 actions: a dataset of another game?"),
+    ("int64 actions", lambda d: replace_array(os.path.join(d, ACT), np.full(256, 2**32 + 1, np.int64)), [], "a dataset of another game?"),
+    ("negative add_count", lambda d: replace_array(os.path.join(d, "add_count_ckpt.0.gz"), np.array(-5)), [], "add_count -5 < 0"),
 ]
 
 

@@ -28,38 +28,19 @@ def readme_command(script: str, marker: str) -> list:
     raise AssertionError(f"no README command `python {script} ...` with {marker!r}")
 
 
-# The README's dataset command is its main job with --save-replay-dir: run once, for the DQN learning check and for
-# the offline agent (pytest-xdist's loadgroup keeps the tests that share it on one worker).
-SHARES_DATASET = pytest.mark.xdist_group("cartpole_dataset")
-
-
-@pytest.fixture(scope="session")
-def cartpole_dataset(tmp_path_factory):
-    """(result of dqn_pruned.main, dataset directory) of the README's `dqn_pruned.py ... --save-replay-dir` command."""
-    flags = readme_command("dqn_pruned.py", "--save-replay-dir")
-    assert flags[:-2] == readme_command("dqn_pruned.py", "CartPole-v1")  # the main job, plus the flag
-    directory = tmp_path_factory.mktemp("cartpole")
-    cwd = os.getcwd()
-    os.chdir(directory)
-    try:
-        result = dqn.main(tyro.cli(dqn.Args, args=flags))
-    finally:
-        os.chdir(cwd)
-    return result, str(directory / flags[-1])
-
-
-@pytest.mark.parametrize("script", [pytest.param(s, marks=SHARES_DATASET) if s == "dqn_pruned.py" else s for s in MODULES])
-@pytest.mark.parametrize("method", ["gmp", "none"])
-def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, request, script, method):
-    """The README's CartPole command (GMP to 90%), and the same run dense, reach a mean return >= 195 over the last 20 episodes."""
+@pytest.mark.parametrize("script, method", [(s, m) for s in MODULES for m in ("gmp", "none") if (s, m) != ("dqn_pruned.py", "gmp")])
+def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, script, method):
+    """The README's CartPole command (GMP to 90%), and the same run dense, reach a mean return >= 195 over the last 20
+    episodes (dqn_pruned.py's own command is checked with the offline agent below, which trains on its data)."""
     module = MODULES[script]
     main_job_args = tyro.cli(module.Args, args=readme_command(script, "CartPole-v1"))
     assert main_job_args.pruning_method == "gmp" and main_job_args.sparsity == 0.9 and main_job_args.network == "mlp"
     monkeypatch.chdir(tmp_path)
-    if script == "dqn_pruned.py" and method == "gmp":  # the main job itself, run by the dataset fixture
-        result = request.getfixturevalue("cartpole_dataset")[0]
-    else:
-        result = module.main(dataclasses.replace(main_job_args, pruning_method=method, exp_name=f"learn_{method}"))
+    result = module.main(dataclasses.replace(main_job_args, pruning_method=method, exp_name=f"learn_{method}"))
+    check_learned(result, method)
+
+
+def check_learned(result: dict, method: str) -> None:
     returns = result["episodic_returns"]
     assert np.mean(returns[-20:]) >= 195, returns[-40:]
     assert np.mean(returns[:20]) < 50  # it started out bad: the return rose
@@ -72,32 +53,36 @@ def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, request, script
         assert max(sparsity) == 0.0
 
 
-@SHARES_DATASET
-@pytest.mark.parametrize("method", ["gmp", "none"])
-def test_cql_learns_from_the_readme_dataset(tmp_path, monkeypatch, cartpole_dataset, method):
-    """The README's offline command, dense and GMP to 90%, trained only on the dataset the DQN main job wrote:
-    the mean evaluation return of its last 3 iterations is >= 150 (a random policy gets about 22)."""
-    dqn_result, directory = cartpole_dataset
+def test_main_job_learns_and_its_dataset_trains_cql(tmp_path, monkeypatch):
+    """The README's main job with --save-replay-dir (its dataset command) learns like the main job, and the README's
+    offline command, dense and GMP to 90%, trained only on the dataset it wrote, reaches a mean evaluation return >= 150
+    over its last 3 iterations (a random policy gets about 22)."""
+    flags = readme_command("dqn_pruned.py", "--save-replay-dir")
+    assert flags[:-2] == readme_command("dqn_pruned.py", "CartPole-v1")  # the main job, plus the flag
+    monkeypatch.chdir(tmp_path)
+    check_learned(dqn.main(tyro.cli(dqn.Args, args=flags)), "gmp")
+    directory = flags[-1]
     files = cql.checkpoint_files(directory)
     assert list(files) == [0] and files[0] == set(cql.CHECKPOINT_ARRAYS) | {cql.TRUNCATION}
+
     readme_args = tyro.cli(cql.Args, args=readme_command("cql_pruned.py", "CartPole-v1"))
-    assert (readme_args.pruning_method, readme_args.sparsity, readme_args.cql_alpha, readme_args.c51) == ("gmp", 0.9, 0.1, False)
-    monkeypatch.chdir(tmp_path)
-    result = cql.main(dataclasses.replace(readme_args, dataset_dir=directory, pruning_method=method, exp_name=f"offline_{method}"))
-    returns = result["eval_returns"]
-    assert len(returns) == readme_args.num_iterations
-    assert np.mean(returns[-3:]) >= 150, returns
-    scalars = read_scalars(result["run_dir"])
-    assert scalars["pruning/kernel_sparsity"][-1][1] == pytest.approx(0.9 if method == "gmp" else 0.0, abs=1e-3)
-    assert [step for step, _ in scalars["charts/eval_return"]] == [2000 * (i + 1) for i in range(len(returns))]
-    assert dqn_result["episodic_returns"]  # the online run that wrote the data
+    assert (readme_args.dataset_dir, readme_args.pruning_method, readme_args.sparsity, readme_args.cql_alpha, readme_args.c51) == (directory, "gmp", 0.9, 0.1, False)
+    for method in ("gmp", "none"):
+        result = cql.main(dataclasses.replace(readme_args, pruning_method=method, exp_name=f"offline_{method}"))
+        returns = result["eval_returns"]
+        assert len(returns) == readme_args.num_iterations
+        assert np.mean(returns[-3:]) >= 150, (method, returns)
+        scalars = read_scalars(result["run_dir"])
+        assert scalars["pruning/kernel_sparsity"][-1][1] == pytest.approx(0.9 if method == "gmp" else 0.0, abs=1e-3)
+        assert [step for step, _ in scalars["charts/eval_return"]] == [2000 * (i + 1) for i in range(len(returns))]
 
 
 def first_losses(module, tmp_path, monkeypatch, seed: int, name: str) -> list:
     monkeypatch.chdir(tmp_path)
     args = module.Args(env_id="CartPole-v1", network="mlp", total_timesteps=300, learning_starts=100, train_frequency=1,
                     batch_size=16, buffer_size=1000, exploration_steps=200, target_network_frequency=25, log_frequency=1,
-                    pruning_method="gmp", sparsity=0.8, prune_frequency_grad_steps=10, seed=seed, exp_name=name)
+                    pruning_method="gmp", sparsity=0.8, prune_frequency_grad_steps=10, seed=seed, exp_name=name,
+                    **({"num_tau_samples": 8, "num_tau_prime_samples": 8, "num_quantile_samples": 8} if module in (iqn, miqn) else {}))
     scalars = read_scalars(module.main(args)["run_dir"])
     losses = [v for _, v in scalars["losses/td_loss"]]
     assert len(losses) >= 50 and scalars["pruning/kernel_sparsity"][-1][1] > 0.7  # masks changed during these losses
