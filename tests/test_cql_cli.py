@@ -1,5 +1,5 @@
-"""cql_pruned.py through its command line: tiny offline Atari runs for every pruning method (CQL and CQL+C51) on a
-synthetic Pong dataset, and every bad-data case failing cleanly."""
+"""cql_pruned.py through its command line: tiny offline runs for every pruning method (CQL and CQL+C51) on synthetic
+Pong and CartPole datasets, and every bad-data case failing cleanly."""
 import dataclasses
 import glob
 import gzip
@@ -15,15 +15,18 @@ import dqn_pruned as dqn
 from conftest import check_saved_masks, read_scalars, run_script
 
 
-def write_dataset(directory: str, steps: int = 600, capacity: int = 256, seed: int = 0) -> None:
-    """A Pong-shaped dataset from the writer: random 84x84 frames, 6 actions, episodes ending at random."""
+def write_dataset(directory: str, steps: int = 600, capacity: int = 256, seed: int = 0, cartpole: bool = False) -> None:
+    """A Pong-shaped dataset from the writer (random 84x84 frames, 6 actions), or a CartPole-shaped one (4 floats, 2
+    actions); episodes end at random."""
     rng = np.random.default_rng(seed)
-    writer = dqn.DatasetWriter(directory, capacity, (84, 84), np.uint8, 4, 1)
-    frame = rng.integers(0, 256, (84, 84), dtype=np.uint8)
+    shape, dtype, stack, actions = ((4,), np.float32, 1, 2) if cartpole else ((84, 84), np.uint8, 4, 6)
+    draw = (lambda: rng.normal(size=shape).astype(dtype)) if cartpole else (lambda: rng.integers(0, 256, shape, dtype=dtype))
+    writer = dqn.DatasetWriter(directory, capacity, shape, dtype, stack, 1)
+    frame = draw()
     for _ in range(steps):
-        next_frame = rng.integers(0, 256, (84, 84), dtype=np.uint8)
+        next_frame = draw()
         terminated = bool(rng.random() < 0.02)
-        writer.add(frame, int(rng.integers(6)), float(rng.choice([-1.0, 0.0, 1.0])), terminated, False, next_frame)
+        writer.add(frame, int(rng.integers(actions)), float(rng.choice([-1.0, 0.0, 1.0])), terminated, False, next_frame)
         frame = next_frame
     writer.close()
 
@@ -32,6 +35,13 @@ def write_dataset(directory: str, steps: int = 600, capacity: int = 256, seed: i
 def pong_dataset(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("pong") / "replay_logs")
     write_dataset(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cartpole_dataset(tmp_path_factory) -> str:
+    directory = str(tmp_path_factory.mktemp("cartpole") / "replay_logs")
+    write_dataset(directory, cartpole=True)
     return directory
 
 
@@ -48,13 +58,18 @@ def test_help_lists_every_flag(tmp_path):
     assert not os.path.exists(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("method, c51", [("gmp", False), ("rigl", True), ("set", False), ("static", True), ("none", False)])
-def test_tiny_offline_pong_run(tmp_path, pong_dataset, method, c51):
+# Atari's CNN for gmp and rigl; CartPole's MLP (compiled in seconds) for the rest: the sparse core is shared
+@pytest.mark.parametrize("method, c51, env", [("gmp", False, "pong"), ("rigl", True, "pong"), ("set", False, "cartpole"),
+                                              ("static", True, "cartpole"), ("none", False, "cartpole")])
+def test_tiny_offline_run(tmp_path, request, method, c51, env):
+    dataset = request.getfixturevalue(f"{env}_dataset")
     # the run directory above replay_logs/ works too, as in the public layout {Game}/{run}/replay_logs
-    flags = [*TINY, "--dataset-dir", os.path.dirname(pong_dataset), "--pruning-method", method, "--exp-name", f"tiny_{method}"]
+    flags = [*TINY, "--dataset-dir", os.path.dirname(dataset), "--pruning-method", method, "--exp-name", f"tiny_{method}"]
+    if env == "cartpole":
+        flags += ["--env-id", "CartPole-v1", "--network", "mlp"]
     result = run_script("cql_pruned.py", *flags, *(["--c51"] if c51 else []), cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"ALE_Pong-v5__tiny_{method}__1__*"))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{'CartPole-v1' if env == 'cartpole' else 'ALE_Pong-v5'}__tiny_{method}__1__*"))
     sparsity = 0.0 if method == "none" else 0.8
     params, kept, total = check_saved_masks(cql, os.path.join(run_dir, f"tiny_{method}.msgpack"), sparsity)
     assert ("advantage" in params and "value" in params) if c51 else ("q" in params)
@@ -68,7 +83,7 @@ def test_tiny_offline_pong_run(tmp_path, pong_dataset, method, c51):
                 "pruning/target_sparsity", "pruning/kernel_sparsity", "pruning/total_sparsity"):
         assert [step for step, _ in scalars[tag]] == [10, 20, 30, 40], tag  # x-axis: gradient steps
     assert [step for step, _ in scalars["charts/eval_return"]] == [20, 40]  # after each iteration
-    assert [value for _, value in scalars["charts/eval_episodes"]] == [1, 1]
+    assert [value for _, value in scalars["charts/eval_episodes"]] == [1, 1]  # --eval-steps 1: one whole episode
     assert min(value for _, value in scalars["losses/cql_loss"]) >= 0  # logsumexp >= any one action's value
     assert scalars["pruning/kernel_sparsity"][-1][1] >= 1 - kept / total - 1e-6
     assert scalars["pruning/target_sparsity"][-1][1] == pytest.approx(sparsity, abs=1e-3)
