@@ -65,7 +65,10 @@ import numpy as np
 import optax
 import tyro
 from flax import serialization, struct
+from jax.flatten_util import ravel_pytree
 from tensorboardX import SummaryWriter
+
+from common import metrics  # the analysis metrics: the one module of common/ the scripts import
 
 gym.register_envs(ale_py)  # makes the ALE/...-v5 ids known to gymnasium
 ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no ALE banner on stderr
@@ -155,6 +158,15 @@ class Args:
     """random initial masks (static, rigl, set): exactly round(N(1-s)) kept weights per layer, or independent Bernoulli(1-s) entries (Ma et al. code)"""
     # ------------------------------------------------------------ end shared: pruning args
 
+    # ---------------------------------------------------------------- shared: analysis args
+    metrics_frequency: int = 250_000
+    """steps between logs of the analysis metrics (common/metrics.py: dormant and dead neurons, srank, norms, gradient covariance; env steps, gradient steps in cql_pruned.py); 0: off"""
+    metrics_batch_size: int = 256
+    """replay transitions in the one fixed batch the analysis metrics are computed on (Dopamine's ReDo statistics use 256)"""
+    metrics_grad_samples: int = 64
+    """the first transitions of that batch whose per-sample gradients make the gradient covariance matrix (memory: samples x parameters floats)"""
+    # ------------------------------------------------------------ end shared: analysis args
+
 
 # ---------------------------------------------------------------- shared: arg checks
 class ArgsError(ValueError):
@@ -163,9 +175,10 @@ class ArgsError(ValueError):
 
 def check_args(args: Args) -> None:
     """Raises ArgsError naming the first invalid field (or combination of fields): the run's fields (run_checks), the
-    network width, sparse training's fields (pruning_checks), then the algorithm's own (algorithm_checks)."""
+    network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), then the
+    algorithm's own (algorithm_checks)."""
     checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}")]
-    for ok, message in checks + pruning_checks(args) + algorithm_checks(args):
+    for ok, message in checks + pruning_checks(args) + analysis_checks(args) + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
 # ------------------------------------------------------------ end shared: arg checks
@@ -881,19 +894,21 @@ def cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
 
 
 def cql_loss(network: nn.Module, params, target_params, batch: Batch, alpha: float):
-    """Huber TD loss on y = R + gamma^k (1 - d) max_a' Q_target(s', a'), plus alpha * the mean regularizer."""
+    """Huber TD loss on y = R + gamma^k (1 - d) max_a' Q_target(s', a'), plus alpha * the mean regularizer.
+    Returns (loss, aux): aux holds the two terms (before alpha), and Q(s, a) and y, both (B,)."""
     next_q = network.apply({"params": target_params}, batch.next_obs)  # (B, A)
     targets = jax.lax.stop_gradient(batch.rewards + batch.discounts * next_q.max(axis=-1))  # (B,)
     q = network.apply({"params": params}, batch.obs)  # (B, A)
     q_taken = jnp.take_along_axis(q, batch.actions[:, None], axis=-1)[:, 0]  # (B,)
     td_loss = jnp.mean(huber_loss(targets - q_taken))
     regularizer = jnp.mean(cql_regularizer(q, batch.actions))
-    return td_loss + alpha * regularizer, (td_loss, regularizer, q_taken.mean())
+    return td_loss + alpha * regularizer, {"td_loss": td_loss, "cql_loss": regularizer, "q_taken": q_taken, "targets": targets}
 
 
 def cql_c51_loss(network: nn.Module, params, target_params, batch: Batch, alpha: float, support: jax.Array):
     """Cross-entropy to the projected double-DQN target distribution, plus alpha * the mean regularizer on
-    Q = sum_i z_i p_i (Dopamine's offline Rainbow with its CQL coefficient, SPEC 3.5)."""
+    Q = sum_i z_i p_i (Dopamine's offline Rainbow with its CQL coefficient, SPEC 3.5). Returns (loss, aux) as
+    cql_loss does, with the target distribution's mean as y."""
     rows = jnp.arange(len(batch.actions))
     best = q_values(network.apply({"params": params}, batch.next_obs), support).argmax(axis=-1)  # (B,) a* online
     next_probs = jax.nn.softmax(network.apply({"params": target_params}, batch.next_obs)[rows, best])  # (B, atoms)
@@ -902,24 +917,121 @@ def cql_c51_loss(network: nn.Module, params, target_params, batch: Batch, alpha:
     td_loss = jnp.mean(cross_entropy(logits[rows, batch.actions], target_probs))
     q = q_values(logits, support)  # (B, A)
     regularizer = jnp.mean(cql_regularizer(q, batch.actions))
-    return td_loss + alpha * regularizer, (td_loss, regularizer, q[rows, batch.actions].mean())
+    return td_loss + alpha * regularizer, {"td_loss": td_loss, "cql_loss": regularizer, "q_taken": q[rows, batch.actions], "targets": target_probs @ support}
 
 
-def make_update(network: nn.Module, tx: optax.GradientTransformation, method: str, args: Args, support: jax.Array):
-    """Builds the jitted update (state, batch, counts) -> (state, metrics). counts is None except at mask-update
-    steps (then a pytree of ints from mask_update_counts); the two cases compile separately."""
+def make_q_fn(network: nn.Module, args: Args, support: jax.Array):
+    """q_fn(params, obs (B, ...), key) -> Q(s, .) (B, A) (with --c51: sum_i z_i p_i(s, .)), for acting and the analysis;
+    the key is unused (IQN draws its quantile fractions from it)."""
+    if args.c51:
+        return lambda params, obs, key: q_values(network.apply({"params": params}, obs), support)
+    return lambda params, obs, key: network.apply({"params": params}, obs)
 
-    def loss_fn(params, target_params, batch: Batch):
+
+def make_loss(network: nn.Module, args: Args, support: jax.Array):
+    """loss_fn(params, target_params, batch, key) -> (loss, aux) of CQL or, with --c51, CQL+C51; the key is unused.
+    The update differentiates it; the analysis also takes per-sample gradients of it."""
+
+    def loss_fn(params, target_params, batch: Batch, key):
         if args.c51:
             return cql_c51_loss(network, params, target_params, batch, args.cql_alpha, support)
         return cql_loss(network, params, target_params, batch, args.cql_alpha)
 
+    return loss_fn
+
+
+def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
+    """Builds the jitted update (state, batch, counts) -> (state, metrics). counts is None except at mask-update
+    steps (then a pytree of ints from mask_update_counts); the two cases compile separately."""
+
     def update(state: TrainState, batch: Batch, counts):
-        (loss, (td_loss, regularizer, q_mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.target_params, batch)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.target_params, batch, None)
         state = sparse_step(state, grads, counts, tx, method)  # masks, Adam, theta <- (theta + u) * m
-        return state, {"losses/total_loss": loss, "losses/td_loss": td_loss, "losses/cql_loss": regularizer, "losses/q_values": q_mean}
+        return state, {"losses/total_loss": loss, "losses/td_loss": aux["td_loss"], "losses/cql_loss": aux["cql_loss"],
+                       "losses/q_values": aux["q_taken"].mean()}
 
     return jax.jit(update)
+
+
+# ---------------------------------------------------------------- shared: analysis
+OUTPUT_LAYERS = ("q", "logits", "value", "advantage")  # the heads' output layers; every other conv/dense layer is hidden
+
+
+def analysis_checks(args: Args) -> list:
+    """(ok, message) pairs for the analysis flags."""
+    return [
+        (args.metrics_frequency >= 0, "--metrics-frequency must be >= 0 (0: off)"),
+        (args.metrics_batch_size > 0, "--metrics-batch-size must be > 0"),
+        (0 < args.metrics_grad_samples <= args.metrics_batch_size,
+         f"--metrics-grad-samples must be in [1, --metrics-batch-size ({args.metrics_batch_size})], got {args.metrics_grad_samples}"),
+    ]
+
+
+def hidden_activations(q_fn, params, obs, key) -> tuple:
+    """(Q(s, .) (B, A), {layer: ReLU(output)} of every hidden conv and dense layer), recorded while q_fn runs. A unit's
+    activation is the ReLU of its layer's output: what the next layer sees in the CNN, the MLP and the heads; in the
+    ResNet, the ReLU of each conv's own contribution to the residual stream."""
+    outputs = {}
+
+    def record(call, call_args, call_kwargs, context):
+        out = call(*call_args, **call_kwargs)
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            outputs["/".join(context.module.path)] = out
+        return out
+
+    with nn.intercept_methods(record):
+        q = q_fn(params, obs, key)
+    return q, {name: nn.relu(out) for name, out in outputs.items() if name.split("/")[-1] not in OUTPUT_LAYERS}
+
+
+def make_analysis(q_fn, loss_fn, grad_samples: int):
+    """Builds the jitted analysis (params, target_params, masks, batch, key) -> (scalars, gradient covariance (n, n)):
+    the metrics of common/metrics.py on one batch (README, "Analysis metrics"). Per-sample gradients are those of the
+    loss on each of the batch's first `grad_samples` transitions alone, masked like the updates they would make."""
+
+    def analysis(params, target_params, masks, batch: Batch, key):
+        q, activations = hidden_activations(q_fn, params, batch.obs, key)
+        scalars = {"metrics/dormant_0.025": metrics.dormant_fractions(activations, 0.025)[1]}
+        per_layer, scalars["metrics/dormant_0.1"] = metrics.dormant_fractions(activations, 0.1)
+        scalars.update({f"metrics/dormant_0.1/{name}": value for name, value in per_layer.items()})
+        kernel_masks = {layer_name(path[:-1]): m for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]
+                        if layer_name(path[:-1]) in activations and is_prunable(m)}
+        per_layer, scalars["metrics/dead_fraction"] = metrics.dead_neuron_fractions(kernel_masks)
+        scalars.update({f"metrics/dead/{name}": value for name, value in per_layer.items()})
+        features = activations["dense"]  # the penultimate layer, (B, 512) ((B, K, 512) in IQN)
+        scalars["metrics/srank"] = metrics.srank(features.reshape(-1, features.shape[-1]))
+        scalars["metrics/param_norm"] = metrics.param_norm(params)
+        scalars["metrics/q_norm"] = metrics.q_norm(q)
+        scalars["metrics/target_variance"] = metrics.target_variance(loss_fn(params, target_params, batch, key)[1]["targets"])
+
+        def sample_gradient(sample: Batch, sample_key):  # the flat, masked gradient of one transition's loss
+            one = jax.tree.map(lambda x: x[None], sample)
+            grads = jax.grad(lambda p: loss_fn(p, target_params, one, sample_key)[0])(params)
+            return ravel_pytree(apply_masks(grads, masks))[0]  # (P,)
+
+        few = jax.tree.map(lambda x: x[:grad_samples], batch)
+        grads = jax.vmap(sample_gradient)(few, jax.random.split(key, grad_samples))  # (n, P)
+        covariance = metrics.gradient_covariance(grads)  # (n, n)
+        scalars["metrics/grad_cosine_abs"], scalars["metrics/grad_interference"] = metrics.interference(covariance)
+        return scalars, covariance
+
+    return jax.jit(analysis)
+
+
+def by_action(batch: Batch) -> Batch:
+    """The batch reordered by action (stable), so that the gradient covariance heat map shows transitions of the same
+    action side by side."""
+    order = np.argsort(batch.actions, kind="stable")
+    return Batch(*(field[order] for field in batch))
+
+
+def write_analysis(writer, results: tuple, step: int) -> None:
+    """TensorBoard: the analysis scalars, and the covariance matrix as a gray image (C = -1 black, +1 white)."""
+    scalars, covariance = jax.device_get(results)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, float(value), step)
+    writer.add_image("metrics/grad_covariance", (np.asarray(covariance) + 1.0) / 2.0, step, dataformats="HW")
+# ------------------------------------------------------------ end shared: analysis
 
 
 # ========================================================================================== main
@@ -993,6 +1105,8 @@ def main(args: Args) -> dict:
     # seeding: a NumPy generator for the host (batches, evaluation and its env seed), one for random masks, and one
     # JAX root key (network init, SET regrowth)
     rng, mask_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
+    # the analysis draws its batch and key from streams of its own, so that logging it never changes training
+    metrics_rng, metrics_key = np.random.default_rng([args.seed, 2]), jax.random.fold_in(jax.random.key(args.seed), 2)
     init_key, train_key = jax.random.split(jax.random.key(args.seed))
     env.reset(seed=int(rng.integers(2**31)))
 
@@ -1000,10 +1114,10 @@ def main(args: Args) -> dict:
     support = jnp.linspace(args.v_min, args.v_max, args.num_atoms)
     if args.c51:
         network = DuelingC51Network(env.action_space.n, args.num_atoms, args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias)
-        greedy_action = jax.jit(lambda params, obs: q_values(network.apply({"params": params}, obs[None]), support).argmax(-1)[0])
     else:
         network = QNetwork(env.action_space.n, args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias)
-        greedy_action = jax.jit(lambda params, obs: network.apply({"params": params}, obs[None]).argmax(-1)[0])
+    q_fn, loss_fn = make_q_fn(network, args, support), make_loss(network, args, support)
+    greedy_action = jax.jit(lambda params, obs: q_fn(params, obs[None], None).argmax(-1)[0])
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
     targets = target_sparsities(params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution)
     if args.pruning_method in ("static", "rigl", "set"):
@@ -1013,7 +1127,7 @@ def main(args: Args) -> dict:
     params = apply_masks(params, masks)
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
     state = TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params), grad_step=jnp.zeros((), jnp.int32), key=train_key)
-    update = make_update(network, tx, args.pruning_method, args, support)
+    update = make_update(loss_fn, tx, args.pruning_method)
     total_grad_steps = args.num_iterations * args.grad_steps_per_iteration
     t_start, t_end, prune_frequency = pruning_window(args, total_grad_steps)
     final_sparsity = overall_sparsity(params, targets)
@@ -1021,6 +1135,7 @@ def main(args: Args) -> dict:
     # logging (x-axis: gradient steps)
     run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency], "dataset_transitions": len(dataset)})
     summarize = jax.jit(sparsity_summary)
+    analysis, metrics_batch = make_analysis(q_fn, loss_fn, args.metrics_grad_samples), None
     eval_returns, grad_step, window_time, last_print = [], 0, time.time(), 0.0
     try:
         for iteration in range(args.num_iterations):
@@ -1028,7 +1143,7 @@ def main(args: Args) -> dict:
                 counts = None
                 if is_mask_update_step(args.pruning_method, grad_step, t_start, t_end, prune_frequency):
                     counts = mask_update_counts(args.pruning_method, state.masks, targets, grad_step, t_start, t_end, args.drop_fraction)
-                state, metrics = update(state, dataset.sample(rng, args.batch_size), counts)
+                state, update_metrics = update(state, dataset.sample(rng, args.batch_size), counts)
                 grad_step += 1
                 if grad_step % args.target_update_period == 0:
                     state = state.replace(target_params=state.params)
@@ -1037,14 +1152,18 @@ def main(args: Args) -> dict:
                     schedule = gmp_schedule(grad_step - 1, t_start, t_end) if args.pruning_method == "gmp" else 1.0
                     scalars = {"charts/SPS": args.log_frequency / max(now - window_time, 1e-9), "pruning/target_sparsity": final_sparsity * schedule}
                     scalars.update(jax.device_get(summarize(state.params)))
-                    scalars.update(jax.device_get(metrics))
+                    scalars.update(jax.device_get(update_metrics))
                     for tag, value in scalars.items():
                         writer.add_scalar(tag, float(value), grad_step)
                     window_time = now
                     if now - last_print > 10:
                         last_print = now
                         print(f"grad step {grad_step}/{total_grad_steps} | SPS {scalars['charts/SPS']:.0f} | td loss "
-                              f"{float(metrics['losses/td_loss']):.4f} | sparsity {float(scalars['pruning/kernel_sparsity']):.3f}", flush=True)
+                              f"{float(update_metrics['losses/td_loss']):.4f} | sparsity {float(scalars['pruning/kernel_sparsity']):.3f}", flush=True)
+                if args.metrics_frequency and grad_step % args.metrics_frequency == 0:
+                    if metrics_batch is None:
+                        metrics_batch = by_action(dataset.sample(metrics_rng, args.metrics_batch_size))  # drawn once, then fixed
+                    write_analysis(writer, analysis(state.params, state.target_params, state.masks, metrics_batch, metrics_key), grad_step)
 
             returns = evaluate(env, greedy_action, state.params, rng, args.eval_steps, args.eval_epsilon, stack)
             eval_returns.append(float(np.mean(returns)))

@@ -37,6 +37,33 @@ def read_scalars(run_dir: str) -> dict:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+def read_image_steps(run_dir: str) -> dict:
+    """TensorBoard images of a run: {tag: [step, ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"images": 0})
+    accumulator.Reload()
+    return {tag: [e.step for e in accumulator.Images(tag)] for tag in accumulator.Tags()["images"]}
+
+
+# the tags of the analysis metrics every script logs (README, "Analysis metrics"), besides per-layer ones
+METRIC_TAGS = ["metrics/dormant_0.1", "metrics/dormant_0.025", "metrics/dead_fraction", "metrics/srank", "metrics/param_norm",
+               "metrics/q_norm", "metrics/target_variance", "metrics/grad_cosine_abs", "metrics/grad_interference"]
+
+
+def check_metric_logs(run_dir: str, scalars: dict, steps: list, hidden_layers: list) -> None:
+    """The analysis metrics were logged at exactly `steps`, per layer for exactly the hidden layers, with the
+    covariance heat map; fractions are fractions."""
+    for tag in METRIC_TAGS:
+        assert [step for step, _ in scalars[tag]] == steps, tag
+    assert sorted(t[len("metrics/dormant_0.1/"):] for t in scalars if t.startswith("metrics/dormant_0.1/")) == sorted(hidden_layers)
+    assert sorted(t[len("metrics/dead/"):] for t in scalars if t.startswith("metrics/dead/")) == sorted(hidden_layers)
+    for tag in ("metrics/dormant_0.1", "metrics/dormant_0.025", "metrics/dead_fraction", "metrics/grad_interference"):
+        assert all(0 <= value <= 1 for _, value in scalars[tag]), tag
+    assert all(value >= 1 for _, value in scalars["metrics/srank"])
+    assert read_image_steps(run_dir) == {"metrics/grad_covariance": steps}
+
+
 @pytest.fixture(params=["eager", "jit"])
 def maybe_jit(request):
     """Runs a check twice: on the plain function, and on jax.jit of it."""

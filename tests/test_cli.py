@@ -12,7 +12,7 @@ import dqn_pruned as dqn
 import iqn_pruned as iqn
 import miqn_pruned as miqn
 import rainbow_pruned as rainbow
-from conftest import args_docstrings, check_saved_masks, read_scalars, run_script
+from conftest import args_docstrings, check_metric_logs, check_saved_masks, read_scalars, run_script
 
 # script -> (module, name of the output layer)
 SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits"), "iqn_pruned.py": (iqn, "q"), "miqn_pruned.py": (miqn, "q")}
@@ -39,10 +39,19 @@ RUNS = [("dqn_pruned.py", method, "cnn") for method in ("gmp", "rigl", "set", "s
 RUNS += [(script, method, "cnn" if method == "gmp" else "mlp") for script in SCRIPTS if script != "dqn_pruned.py" for method in ("gmp", "rigl", "none")]
 
 
+# runs that also log the analysis metrics (every network and every agent's head once)
+ANALYSED = {("dqn_pruned.py", "gmp", "resnet"), ("dqn_pruned.py", "rigl", "cnn")} | {(s, "rigl", "mlp") for s in SCRIPTS}
+HIDDEN_LAYERS = {"resnet": [f"torso/stack{i}_conv" for i in range(3)] + [f"torso/stack{i}_block{j}_conv{k}" for i in range(3) for j in range(2) for k in range(2)],
+                 "cnn": ["torso/conv0", "torso/conv1", "torso/conv2"], "mlp": ["torso/fc"]}
+
+
 @pytest.mark.parametrize("script, method, network", RUNS)
 def test_tiny_run(tmp_path, script, method, network):
     module, output_layer = SCRIPTS[script]
     extra = FEWER_QUANTILES if module in (iqn, miqn) else []
+    analysed = (script, method, network) in ANALYSED
+    if analysed:
+        extra = extra + ["--metrics-frequency", "80", "--metrics-batch-size", "32", "--metrics-grad-samples", "8"]
     if network == "mlp":
         extra = extra + ["--env-id", "CartPole-v1"]
     if method == "gmp":  # also writes its replay as an offline dataset
@@ -78,6 +87,11 @@ def test_tiny_run(tmp_path, script, method, network):
     assert scalars["charts/grad_steps"][-1][1] == module.num_grad_steps(240, 80, 4) == 40
     if method == "gmp":  # sparsity rose during the run instead of being there from the start
         assert scalars["pruning/kernel_sparsity"][0][1] == 0.0
+    if analysed:  # after learning starts (env step 80), every 80 env steps
+        hidden = HIDDEN_LAYERS[network] + ["dense"] + (["quantile_embedding"] if module in (iqn, miqn) else [])
+        check_metric_logs(run_dir, scalars, [159, 239], hidden)
+    else:
+        assert not any(tag.startswith("metrics/") for tag in scalars)  # --metrics-frequency 250000 (default) > 240 steps
 
 
 BAD_INPUTS = [

@@ -232,7 +232,8 @@ def test_cql_loss_against_numpy(maybe_jit):
     params = network.init(jax.random.key(0), np.zeros((1, 3, 1), np.float32))["params"]
     target_params = network.init(jax.random.key(1), np.zeros((1, 3, 1), np.float32))["params"]
     batch = small_batch(rng, 4)
-    loss, (td, regularizer, _) = maybe_jit(cql.cql_loss, static_argnums=(0,))(network, params, target_params, batch, 0.1)
+    loss, aux = maybe_jit(cql.cql_loss, static_argnums=(0,))(network, params, target_params, batch, 0.1)
+    td, regularizer = aux["td_loss"], aux["cql_loss"]
     q = np.asarray(network.apply({"params": params}, batch.obs), np.float64)
     next_q = np.asarray(network.apply({"params": target_params}, batch.next_obs), np.float64)
     errors = batch.rewards + batch.discounts * next_q.max(-1) - q[np.arange(5), batch.actions]
@@ -263,10 +264,12 @@ def test_cql_c51_loss_by_hand(maybe_jit):
                       np.array([0.5], np.float32), np.ones((1, 1, 1), np.float32))
     support = jnp.array([-1.0, 0.0, 1.0])
     loss_fn = maybe_jit(cql.cql_c51_loss, static_argnums=(0,))
-    loss, (ce, regularizer, q_taken) = loss_fn(TableNetwork(), {"table": jnp.asarray(online)}, {"table": jnp.asarray(target)}, batch, 0.1, support)
+    loss, aux = loss_fn(TableNetwork(), {"table": jnp.asarray(online)}, {"table": jnp.asarray(target)}, batch, 0.1, support)
+    ce, regularizer, q_taken, y = aux["td_loss"], aux["cql_loss"], aux["q_taken"][0], aux["targets"][0]
     expected_ce = -(0.75 * np.log(0.25) + 0.25 * np.log(0.5))
     expected_reg = np.log(1 + np.exp(0.25)) - 0.25
     np.testing.assert_allclose([ce, regularizer, q_taken, loss], [expected_ce, expected_reg, 0.25, expected_ce + 0.1 * expected_reg], rtol=1e-5)
+    assert y == pytest.approx(0.25)  # the mean of m = (0, 0.75, 0.25) on z = (-1, 0, 1)
 
 
 def test_dueling_c51_head_against_numpy():

@@ -12,7 +12,7 @@ import pytest
 
 import cql_pruned as cql
 import dqn_pruned as dqn
-from conftest import check_saved_masks, read_scalars, run_script
+from conftest import check_metric_logs, check_saved_masks, read_scalars, run_script
 
 
 def write_dataset(directory: str, steps: int = 600, capacity: int = 256, seed: int = 0, cartpole: bool = False) -> None:
@@ -67,6 +67,8 @@ def test_tiny_offline_run(tmp_path, request, method, c51, env):
     flags = [*TINY, "--dataset-dir", os.path.dirname(dataset), "--pruning-method", method, "--exp-name", f"tiny_{method}"]
     if env == "cartpole":
         flags += ["--env-id", "CartPole-v1", "--network", "mlp"]
+    if method in ("gmp", "static"):  # also the analysis metrics, every 20 gradient steps
+        flags += ["--metrics-frequency", "20", "--metrics-batch-size", "16", "--metrics-grad-samples", "4"]
     result = run_script("cql_pruned.py", *flags, *(["--c51"] if c51 else []), cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{'CartPole-v1' if env == 'cartpole' else 'ALE_Pong-v5'}__tiny_{method}__1__*"))
@@ -89,6 +91,10 @@ def test_tiny_offline_run(tmp_path, request, method, c51, env):
     assert scalars["pruning/target_sparsity"][-1][1] == pytest.approx(sparsity, abs=1e-3)
     if method == "gmp":  # the schedule ran over the offline gradient steps: 2 of its 24 steps done at step 10
         assert 0 < scalars["pruning/kernel_sparsity"][0][1] < 0.2
+    if method in ("gmp", "static"):
+        check_metric_logs(run_dir, scalars, [20, 40], (["torso/conv0", "torso/conv1", "torso/conv2"] if env == "pong" else ["torso/fc"]) + ["dense"])
+    else:
+        assert not any(tag.startswith("metrics/") for tag in scalars)
 
 
 def corrupt(path: str) -> None:

@@ -159,7 +159,7 @@ def test_update_loss_against_numpy(module):
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
     state = module.TrainState(params=params, target_params=target_params, masks=masks, opt_state=tx.init(params),
                               grad_step=jnp.zeros((), jnp.int32), key=jax.random.key(2))
-    _, metrics = module.make_update(network, tx, "none", args)(state, batch, None)
+    _, metrics = module.make_update(module.make_loss(network, args), tx, "none")(state, batch, None)
 
     loss_key, _ = jax.random.split(state.key)
     keys = jax.random.split(loss_key, 3 if module is miqn else 2)

@@ -263,7 +263,7 @@ def test_update_loss_against_numpy():
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
     state = rainbow.TrainState(params=params, target_params=target_params, masks=masks, opt_state=tx.init(params),
                                grad_step=jnp.zeros((), jnp.int32), key=jax.random.key(2))
-    update = rainbow.make_update(network, tx, "none", support)
+    update = rainbow.make_update(rainbow.make_loss(network, support), tx, "none")
     _, metrics, priorities = update(state, batch, probs, None)
 
     softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)

@@ -1,0 +1,190 @@
+"""common/metrics.py against hand-computed values on tiny inputs (eager and jitted), and each script's analysis against an
+independent recomputation (NumPy forward pass, one jax.grad per transition)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cql_pruned as cql
+import dqn_pruned as dqn
+import iqn_pruned as iqn
+import rainbow_pruned as rainbow
+from common import metrics
+
+
+def test_dormant_neurons_by_hand(maybe_jit):
+    """Dense layer, 4 units over a batch of 2: mean |h| = (0, 0.03, 1, 1), layer mean 0.5075, scores (0, 0.059, 1.97,
+    1.97): units 0 and 1 are 0.1-dormant, only unit 0 is 0.025-dormant. Conv layer, 3 channels on 2x2 positions:
+    channel 0 is zero everywhere, channel 1 is 0.4 at one position of one image (mean |h| 0.05), channel 2 is 1
+    everywhere: mean 0.35, scores (0, 0.143, 2.86): only channel 0 is dormant at both taus."""
+    dense = np.array([[0.0, 0.02, 1.0, 2.0], [0.0, -0.04, 1.0, 0.0]], np.float32)
+    conv = np.zeros((2, 2, 2, 3), np.float32)
+    conv[0, 1, 0, 1] = 0.4
+    conv[..., 2] = 1.0
+    activations = {"dense": dense, "conv": conv}
+    per_layer, overall = maybe_jit(metrics.dormant_fractions, static_argnums=(1,))(activations, 0.1)
+    np.testing.assert_allclose([per_layer["dense"], per_layer["conv"], overall], [2 / 4, 1 / 3, 3 / 7], rtol=1e-6)
+    per_layer, overall = maybe_jit(metrics.dormant_fractions, static_argnums=(1,))(activations, 0.025)
+    np.testing.assert_allclose([per_layer["dense"], per_layer["conv"], overall], [1 / 4, 1 / 3, 2 / 7], rtol=1e-6)
+    np.testing.assert_allclose(metrics.neuron_scores(dense), np.array([0, 0.03, 1, 1]) / 0.5075, rtol=1e-5)
+    np.testing.assert_allclose(metrics.neuron_scores(conv), np.array([0, 0.05, 1]) / (1.05 / 3), rtol=1e-5)
+
+
+def test_dead_neurons_by_hand(maybe_jit):
+    """A unit is dead when every incoming weight is masked: dense (3 in, 4 out) with output 2 fully masked (output 0
+    partly masked is alive); conv (2x2, 3 in, 5 out) with output channel 4 fully masked: 1/4, 1/5, 2/9 overall."""
+    dense = np.ones((3, 4), np.uint8)
+    dense[:, 2] = 0
+    dense[:2, 0] = 0
+    conv = np.ones((2, 2, 3, 5), np.uint8)
+    conv[..., 4] = 0
+    conv[0, 0, :, 1] = 0
+    per_layer, overall = maybe_jit(metrics.dead_neuron_fractions)({"dense": dense, "conv": conv})
+    np.testing.assert_allclose([per_layer["dense"], per_layer["conv"], overall], [1 / 4, 1 / 5, 2 / 9], rtol=1e-6)
+
+
+def test_srank_of_matrices_with_known_spectra(maybe_jit):
+    """sigma = (10, 5, 0.1, 0): cumulative shares 0.662, 0.9934, 1.0, so srank_0.01 = 2 and srank_0.001 = 3; a rank-1
+    matrix has srank 1, the 5x5 identity 5 (k/5 >= 0.99 first at k = 5), the zero matrix 0."""
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(6, 4)))
+    v, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    features = (u * np.array([10.0, 5.0, 0.1, 0.0])) @ v.T  # (6, 4), singular values 10, 5, 0.1, 0
+    srank = maybe_jit(metrics.srank, static_argnums=(1,))
+    assert int(srank(features.astype(np.float32), 0.01)) == 2
+    assert int(srank(features.astype(np.float32), 0.001)) == 3
+    assert int(srank(np.outer(np.arange(1.0, 7.0), np.arange(1.0, 5.0)).astype(np.float32), 0.01)) == 1
+    assert int(srank(np.eye(5, dtype=np.float32), 0.01)) == 5
+    assert int(srank(np.zeros((4, 3), np.float32), 0.01)) == 0
+
+
+def test_norms_and_target_variance_by_hand(maybe_jit):
+    params = {"a": {"kernel": np.array([[3.0, 0.0], [0.0, 4.0]], np.float32)}, "b": np.array([12.0], np.float32)}
+    assert float(maybe_jit(metrics.param_norm)(params)) == pytest.approx(13.0)  # sqrt(9 + 16 + 144)
+    assert float(maybe_jit(metrics.q_norm)(np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], np.float32))) == pytest.approx(2.0)  # (5 + 0 + 1) / 3
+    assert float(maybe_jit(metrics.target_variance)(np.array([1.0, 2.0, 3.0, 6.0], np.float32))) == pytest.approx(3.5)  # mean 3: (4+1+0+9)/4
+
+
+def test_gradient_covariance_orthogonal_identical_opposite(maybe_jit):
+    covariance = maybe_jit(metrics.gradient_covariance)
+    summary = maybe_jit(metrics.interference)
+    orthogonal = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.5]], np.float32)
+    c = covariance(orthogonal)
+    np.testing.assert_allclose(c, np.eye(3), atol=1e-5)
+    np.testing.assert_allclose(summary(c), [0.0, 0.0], atol=1e-6)
+    identical = np.tile(np.array([[1.0, -2.0, 2.0]], np.float32), (4, 1))
+    c = covariance(identical)
+    np.testing.assert_allclose(c, np.ones((4, 4)), atol=1e-5)
+    np.testing.assert_allclose(summary(c), [1.0, 0.0], atol=1e-5)
+    opposite = np.array([[1.0, 2.0], [-1.0, -2.0]], np.float32)
+    c = covariance(opposite)
+    np.testing.assert_allclose(c, [[1.0, -1.0], [-1.0, 1.0]], atol=1e-5)
+    np.testing.assert_allclose(summary(c), [1.0, 1.0], atol=1e-5)
+    mixed = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]], np.float32)  # cosines 1/sqrt2, -1, -1/sqrt2
+    c = covariance(mixed)
+    s = 1 / np.sqrt(2)
+    np.testing.assert_allclose(c, [[1, s, -1], [s, 1, -s], [-1, -s, 1]], atol=1e-5)
+    np.testing.assert_allclose(summary(c), [(s + 1 + s) / 3, 2 / 3], atol=1e-5)
+
+
+def small_batch(rng, size: int, actions: int) -> dqn.Batch:
+    return dqn.Batch(rng.normal(size=(size, 4, 1)).astype(np.float32), rng.integers(0, actions, size).astype(np.int32),
+                     rng.normal(size=size).astype(np.float32), np.where(rng.random(size) < 0.3, 0.0, 0.99).astype(np.float32),
+                     rng.normal(size=(size, 4, 1)).astype(np.float32))
+
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+def test_dqn_analysis_against_independent_computation():
+    """dqn_pruned.py's analysis on the MLP network, with a sparse mask: dormant fractions, srank, norms and target
+    variance from a NumPy forward pass; the covariance from one jax.grad per transition, masked, in NumPy."""
+    rng = np.random.default_rng(3)
+    network = dqn.QNetwork(3, "mlp", 1, False, True, True)
+    batch = small_batch(rng, 12, 3)
+    params = network.init(jax.random.key(0), batch.obs)["params"]
+    target_params = jax.tree.map(lambda p: p + 0.1, network.init(jax.random.key(1), batch.obs)["params"])
+    masks = dqn.random_masks(np.random.default_rng(4), params, dqn.target_sparsities(params, 0.7, "erk"), False)
+    masks["torso"]["fc"]["kernel"][:, :5] = 0  # 5 structurally dead units in the first layer
+    params = dqn.apply_masks(params, masks)
+    params["torso"]["fc"]["bias"] = params["torso"]["fc"]["bias"].at[5:40].set(-10.0)  # 35 more dormant ones
+    q_fn, loss_fn = dqn.make_q_fn(network), dqn.make_loss(network)
+    scalars, covariance = jax.device_get(dqn.make_analysis(q_fn, loss_fn, 5)(params, target_params, masks, batch, jax.random.key(5)))
+
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    tp = jax.tree.map(lambda x: np.asarray(x, np.float64), target_params)
+    forward = lambda p, obs: (h1 := relu(obs[..., 0] @ p["torso"]["fc"]["kernel"] + p["torso"]["fc"]["bias"]),  # noqa: E731
+                              h2 := relu(h1 @ p["dense"]["kernel"] + p["dense"]["bias"]), h2 @ p["q"]["kernel"] + p["q"]["bias"])
+    h1, h2, q = forward(p, batch.obs)
+    y = batch.rewards + batch.discounts * forward(tp, batch.next_obs)[2].max(-1)
+
+    def dormant(h, tau):
+        s = np.abs(h).mean(0)
+        return s / s.mean() <= tau
+
+    for tau in (0.1, 0.025):
+        expected = np.concatenate([dormant(h1, tau), dormant(h2, tau)]).mean()
+        assert scalars[f"metrics/dormant_{tau}"] == pytest.approx(expected, abs=1e-6)
+    assert dormant(h1, 0.1).sum() >= 40
+    assert scalars["metrics/dormant_0.1/torso/fc"] == pytest.approx(dormant(h1, 0.1).mean(), abs=1e-6)
+    assert scalars["metrics/dead/torso/fc"] == pytest.approx(5 / 256) and "metrics/dead/q" not in scalars
+    sigma = np.linalg.svd(h2, compute_uv=False)
+    assert scalars["metrics/srank"] == np.argmax(np.cumsum(sigma) / sigma.sum() >= 0.99) + 1
+    assert scalars["metrics/param_norm"] == pytest.approx(np.sqrt(sum((x**2).sum() for x in jax.tree.leaves(p))), rel=1e-5)
+    assert scalars["metrics/q_norm"] == pytest.approx(np.linalg.norm(q, axis=-1).mean(), rel=1e-5)
+    assert scalars["metrics/target_variance"] == pytest.approx(y.var(), rel=1e-4)
+
+    grads = []
+    for i in range(5):
+        one = dqn.Batch(*(field[i: i + 1] for field in batch))
+        g = jax.grad(lambda params: loss_fn(params, target_params, one, None)[0])(params)
+        grads.append(np.concatenate([np.ravel(np.asarray(gl) * np.asarray(m)) for gl, m in zip(jax.tree.leaves(g), jax.tree.leaves(masks))]))
+    grads = np.array(grads, np.float64)
+    expected = grads @ grads.T / np.outer(np.linalg.norm(grads, axis=1), np.linalg.norm(grads, axis=1))
+    np.testing.assert_allclose(covariance, expected, atol=1e-4)
+    off = ~np.eye(5, dtype=bool)
+    assert scalars["metrics/grad_interference"] == pytest.approx((expected[off] < 0).mean())
+
+
+@pytest.mark.parametrize("module, network, extra", [
+    (rainbow, rainbow.RainbowNetwork(3, 11, "mlp", 1, False, True, True), (jnp.linspace(-5.0, 5.0, 11),)),
+    (iqn, iqn.IQNNetwork(3, "mlp", 1, False, True, True, 8), None),
+    (cql, cql.DuelingC51Network(3, 11, "mlp", 1, True, True, True), (jnp.linspace(-5.0, 5.0, 11),)),
+], ids=["rainbow", "iqn", "cql-c51"])
+def test_other_heads_analysis(module, network, extra):
+    """Every head's hidden layers are found (never its output layers), and its q_fn and targets feed the metrics."""
+    rng = np.random.default_rng(6)
+    batch = small_batch(rng, 8, 3)
+    if module is iqn:
+        args = iqn.Args(env_id="CartPole-v1", network="mlp", num_tau_samples=4, num_tau_prime_samples=5, num_quantile_samples=3, quantile_embedding_dim=8)
+        params = network.init(jax.random.key(0), batch.obs, np.zeros((1, 1), np.float32))["params"]
+        q_fn, loss_fn = iqn.make_q_fn(network, 3), iqn.make_loss(network, args)
+    elif module is rainbow:
+        params = network.init(jax.random.key(0), batch.obs)["params"]
+        q_fn, loss_fn = rainbow.make_q_fn(network, *extra), rainbow.make_loss(network, *extra)
+    else:
+        args = cql.resolve(cql.Args(env_id="CartPole-v1", network="mlp", c51=True, num_atoms=11, v_min=-5.0, v_max=5.0))
+        params = network.init(jax.random.key(0), batch.obs)["params"]
+        q_fn, loss_fn = cql.make_q_fn(network, args, *extra), cql.make_loss(network, args, *extra)
+    masks = jax.tree.map(lambda p: np.ones(p.shape, np.uint8), params)
+    q, activations = module.hidden_activations(q_fn, params, batch.obs, jax.random.key(1))
+    expected_layers = {"torso/fc", "dense"} | ({"quantile_embedding"} if module is iqn else set())
+    assert set(activations) == expected_layers
+    assert q.shape == (8, 3)
+    scalars, covariance = module.make_analysis(q_fn, loss_fn, 4)(params, params, masks, batch, jax.random.key(1))
+    assert covariance.shape == (4, 4)
+    assert np.all(np.diag(covariance) <= 1 + 1e-6) and np.all(np.diag(covariance) > 0.99)  # |g|^2 / (|g|^2 + 1e-6)
+    assert float(scalars["metrics/q_norm"]) == pytest.approx(float(np.linalg.norm(q, axis=-1).mean()), rel=1e-5)
+    targets = loss_fn(params, params, batch, jax.random.key(1))[1]["targets"]
+    assert targets.shape == (8,)
+    assert float(scalars["metrics/target_variance"]) == pytest.approx(float(np.var(targets)), rel=1e-4)
+
+
+def test_by_action_orders_the_batch():
+    batch = small_batch(np.random.default_rng(7), 9, 3)
+    ordered = dqn.by_action(batch)
+    assert list(ordered.actions) == sorted(batch.actions)
+    order = np.argsort(batch.actions, kind="stable")
+    for field, original in zip(ordered, batch):
+        np.testing.assert_array_equal(field, original[order])
