@@ -1049,15 +1049,15 @@ def make_run_dir(path: str) -> str:
 
 
 def open_run(args: Args, extra_config: dict):
-    """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag plus `extra_config`) and
-    returns (run_dir, TensorBoard writer)."""
+    """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag, the script's file name and
+    `extra_config`; common/plot.py groups runs by it) and returns (run_dir, TensorBoard writer)."""
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = make_run_dir(os.path.join("runs", run_name))
     writer = SummaryWriter(run_dir, flush_secs=30)
     config = dataclasses.asdict(args)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({**config, "run_name": run_name, **extra_config}, f, indent=2)
+        json.dump({**config, "run_name": run_name, "script": os.path.basename(__file__), **extra_config}, f, indent=2)
     return run_dir, writer
 
 

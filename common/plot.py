@@ -1,0 +1,252 @@
+"""From runs/ to the paper's figures: python -m common.plot RUNS_DIR --out FIGURES_DIR
+
+Reads every run directory below RUNS_DIR (a directory with a config.json, as every *_pruned.py writes), groups the
+runs by what their config says (script, env, pruning method, sparsity, width, seed; never by parsing names), and
+writes to FIGURES_DIR:
+    curves_{suite}.png             IQM learning curves with 95% CI bands, one panel per script
+    iqm_vs_sparsity_{suite}.png    final IQM against sparsity, one line per (script, method, width); dense at 0
+    iqm_vs_width_{suite}.png       final IQM against width, one line per (script, method, sparsity); dense included
+    aggregates.csv                 the final IQM and its CI for every configuration and suite
+    curves.csv                     the learning curves' points
+
+A suite is what is aggregated together: all ALE/{Game}-v5 runs, as human-normalized scores (HNS, common/atari_scores.py,
+DQN Zoo's table), or one classic-control env, as raw returns. A run's score at a point is the mean return over one
+of --points equal slices of the run (the online scripts' training returns, charts/episodic_return; cql_pruned.py's
+evaluation returns, charts/eval_return); its final score is that of the last slice (with --points 40 and the paper's
+10M env steps, the last iteration: "IQM after 40M frames"). Empty slices take the previous slice's value.
+
+Aggregates follow Agarwal et al. (2021) with rliable: IQM over the (runs x games) matrix of scores, 95% CIs from the
+stratified percentile bootstrap (runs resampled within each game; --reps 50,000 as in rliable, --curve-reps for the
+curves), NumPy's global generator seeded with --seed before each. A configuration needs the same number of seeds in every game: where the counts differ,
+the lowest seeds are kept. The matrix's rows are the seeds in increasing order, its columns the games in name order.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import atari_scores  # noqa: E402
+
+
+
+def find_runs(runs_dir: str) -> list:
+    """Every directory below runs_dir that holds a config.json, in sorted order."""
+    found = []
+    for directory, _, files in sorted(os.walk(runs_dir)):
+        if "config.json" in files:
+            found.append(directory)
+    return sorted(found)
+
+
+def read_returns(run_dir: str) -> tuple:
+    """(tag, [(step, value), ...]) of the run's scored returns: charts/eval_return if logged, else charts/episodic_return."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    for tag in ("charts/eval_return", "charts/episodic_return"):
+        if tag in tags:
+            return tag, [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return None, []
+
+
+def run_length(config: dict) -> int:
+    """Steps of the run on its x-axis: env steps (online scripts) or gradient steps (cql_pruned.py)."""
+    if "num_iterations" in config:
+        return config["num_iterations"] * config["grad_steps_per_iteration"]
+    return config["total_timesteps"]
+
+
+def sliced_scores(returns: list, length: int, points: int) -> np.ndarray:
+    """(points,) mean return in each of `points` equal slices of [0, length); an empty slice takes the previous value
+    (the first non-empty one's, for leading empty slices). NaN everywhere if there are no returns."""
+    sums, counts = np.zeros(points), np.zeros(points)
+    for step, value in returns:
+        i = min(int(step * points // max(length, 1)), points - 1)
+        sums[i], counts[i] = sums[i] + value, counts[i] + 1
+    scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    filled = np.flatnonzero(counts)
+    if len(filled) == 0:
+        return scores
+    for i in range(points):
+        if counts[i] == 0:
+            scores[i] = scores[i - 1] if i > filled[0] else scores[filled[0]]
+    return scores
+
+
+def load_runs(runs_dir: str, points: int) -> list:
+    """One record per usable run: its grouping keys, suite, task and (points,) normalized scores."""
+    records = []
+    for run_dir in find_runs(runs_dir):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+        tag, returns = read_returns(run_dir)
+        if not returns:
+            print(f"skipped {run_dir}: no returns logged")
+            continue
+        game = atari_scores.game_of(config["env_id"])
+        scores = sliced_scores(returns, run_length(config), points)
+        if game is not None:
+            if game not in atari_scores.RANDOM_HUMAN:
+                print(f"skipped {run_dir}: {game} has no human score to normalize by")
+                continue
+            scores = atari_scores.human_normalized(game, scores)
+        method = config["pruning_method"]
+        records.append({
+            "run_dir": run_dir, "suite": "atari" if game is not None else config["env_id"], "task": config["env_id"],
+            "script": config.get("script", config["exp_name"]), "pruning_method": method,
+            "sparsity": 0.0 if method == "none" else float(config["sparsity"]), "width": int(config["width_scale"]),
+            "seed": int(config["seed"]), "tag": tag, "length": run_length(config), "scores": scores,
+        })
+    return records
+
+
+CONFIG_KEYS = ("script", "pruning_method", "sparsity", "width")
+
+
+def score_matrices(records: list) -> dict:
+    """{(suite, config): (runs, tasks, points) array, tasks, steps}: seeds in increasing order (the lowest ones, as many
+    as every task has), tasks in name order."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        groups[(r["suite"], tuple(r[k] for k in CONFIG_KEYS))][r["task"]][r["seed"]] = r
+    matrices = {}
+    for key, by_task in groups.items():
+        tasks = sorted(by_task)
+        runs = min(len(by_task[t]) for t in tasks)
+        columns = [[by_task[t][seed]["scores"] for seed in sorted(by_task[t])[:runs]] for t in tasks]  # (tasks, runs, points)
+        length = max(r["length"] for t in tasks for r in by_task[t].values())
+        matrices[key] = (np.transpose(np.array(columns), (1, 0, 2)), tasks, length)
+    return matrices
+
+
+def iqm_with_ci(scores: np.ndarray, reps: int, seed: int) -> tuple:
+    """(IQM, lower, upper) per point of (runs, tasks, points) scores: rliable's aggregate_iqm and its stratified
+    percentile bootstrap 95% CI. Each returned array has shape (points,)."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    def iqm(x):  # (runs, tasks, points) -> (points,)
+        return np.array([metrics.aggregate_iqm(x[..., t]) for t in range(x.shape[-1])])
+
+    # rliable's StratifiedBootstrap draws its resamples from NumPy's global generator (the random_state it takes never
+    # reaches update_indices), so that generator is what must be seeded for the same CI twice
+    np.random.seed(seed)
+    point, interval = rly.get_interval_estimates({"x": scores}, iqm, reps=reps)
+    return point["x"], interval["x"][0], interval["x"][1]
+
+
+def label(config: tuple) -> str:
+    script, method, sparsity, width = config
+    return f"{script} {method}" + ("" if method == "none" else f" {sparsity:g}") + f" k={width}"
+
+
+def suite_name(suite: str) -> str:
+    return suite.replace("/", "_")
+
+
+def plot_curves(suite: str, results: dict, points: int, out_dir: str) -> str:
+    """Learning curves: IQM against the fraction of the run, with the CI band, one panel per script."""
+    scripts = sorted({config[0] for config in results})
+    fig, axes = plt.subplots(1, len(scripts), figsize=(5 * len(scripts), 3.6), squeeze=False)
+    for ax, script in zip(axes[0], scripts):
+        for config, r in sorted(results.items()):
+            if config[0] != script:
+                continue
+            x = (np.arange(points) + 1) / points * r["length"]
+            ax.plot(x, r["curve"][0], label=label(config)[len(script) + 1:])
+            ax.fill_between(x, r["curve"][1], r["curve"][2], alpha=0.2)
+        ax.set_title(script)
+        ax.set_xlabel("steps (end of slice)")
+        ax.set_ylabel("IQM human-normalized score" if suite == "atari" else f"IQM return ({suite})")
+        ax.legend(fontsize=7)
+    return save(fig, os.path.join(out_dir, f"curves_{suite_name(suite)}.png"))
+
+
+def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str) -> str:
+    """Final IQM with its CI against sparsity (x_key 'sparsity': one line per script, method and width; dense is a
+    point at sparsity 0) or against width (x_key 'width': one line per script, method and sparsity, dense included)."""
+    x_index = CONFIG_KEYS.index(x_key)
+    lines = defaultdict(list)
+    for config, r in results.items():
+        lines[tuple(v for i, v in enumerate(config) if i != x_index)].append((config[x_index], r["final"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for line, values in sorted(lines.items()):
+        values.sort()
+        x = np.array([v[0] for v in values], float)
+        y = np.array([v[1] for v in values])  # (n, 3): iqm, lower, upper
+        ax.errorbar(x, y[:, 0], yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], marker="o", capsize=3,
+                    label=" ".join(f"{k}={v}" if k in ("width", "sparsity") else str(v) for k, v in zip([k for k in CONFIG_KEYS if k != x_key], line)))
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("final IQM human-normalized score" if suite == "atari" else f"final IQM return ({suite})")
+    ax.legend(fontsize=7)
+    return save(fig, os.path.join(out_dir, f"iqm_vs_{x_key}_{suite_name(suite)}.png"))
+
+
+def save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> dict:
+    """Writes the figures and CSVs; returns {"written": [paths], "results": {(suite, config): {...}}}."""
+    parser = argparse.ArgumentParser(prog="python -m common.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="directory holding run directories (each with config.json and event files)")
+    parser.add_argument("--out", required=True, help="directory to write the PNGs and CSVs to")
+    parser.add_argument("--points", type=int, default=40, help="slices of each run: points of the curves; the last is the final score")
+    parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples of the final IQM's CI (rliable's default)")
+    parser.add_argument("--curve-reps", type=int, default=2_000, help="bootstrap resamples of the curves' CIs")
+    parser.add_argument("--seed", type=int, default=0, help="random state of the bootstraps")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.runs_dir):
+        parser.error(f"{args.runs_dir} is not a directory")
+    if args.points < 1 or args.reps < 1 or args.curve_reps < 1:
+        parser.error("--points, --reps and --curve-reps must be >= 1")
+    records = load_runs(args.runs_dir, args.points)
+    if not records:
+        parser.error(f"no runs with logged returns below {args.runs_dir}")
+    os.makedirs(args.out, exist_ok=True)
+
+    results = {}
+    for (suite, config), (scores, tasks, length) in sorted(score_matrices(records).items()):
+        final = iqm_with_ci(scores[..., -1:], args.reps, args.seed)
+        results[(suite, config)] = {"tasks": tasks, "runs": scores.shape[0], "length": length,
+                                    "final": tuple(float(v[0]) for v in final), "curve": iqm_with_ci(scores, args.curve_reps, args.seed)}
+
+    written = []
+    with open(os.path.join(args.out, "aggregates.csv"), "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["suite", *CONFIG_KEYS, "seeds", "tasks", "iqm", "ci_low", "ci_high", "score"])
+        for (suite, config), r in sorted(results.items()):
+            out.writerow([suite, *config, r["runs"], len(r["tasks"]), *r["final"], "hns" if suite == "atari" else "return"])
+    with open(os.path.join(args.out, "curves.csv"), "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["suite", *CONFIG_KEYS, "point", "step", "iqm", "ci_low", "ci_high"])
+        for (suite, config), r in sorted(results.items()):
+            for i in range(args.points):
+                step = math.ceil((i + 1) / args.points * r["length"])
+                out.writerow([suite, *config, i, step, *(float(v[i]) for v in r["curve"])])
+    written += [os.path.join(args.out, "aggregates.csv"), os.path.join(args.out, "curves.csv")]
+    for suite in sorted({s for s, _ in results}):
+        in_suite = {config: r for (s, config), r in results.items() if s == suite}
+        written.append(plot_curves(suite, in_suite, args.points, args.out))
+        written.append(plot_final_against(suite, in_suite, "sparsity", args.out))
+        written.append(plot_final_against(suite, in_suite, "width", args.out))
+    for path in written:
+        print(f"wrote {path}")
+    return {"written": written, "results": results}
+
+
+if __name__ == "__main__":
+    main()
