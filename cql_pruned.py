@@ -50,6 +50,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import zlib
@@ -167,6 +168,13 @@ class Args:
     """the first transitions of that batch whose per-sample gradients make the gradient covariance matrix (memory: samples x parameters floats)"""
     # ------------------------------------------------------------ end shared: analysis args
 
+    # ---------------------------------------------------------------- shared: checkpoint args
+    checkpoint_frequency: int = 0
+    """steps between checkpoints of everything the run needs to go on, runs/{run_name}/checkpoint.pkl (env steps; gradient steps in cql_pruned.py); 0: off"""
+    resume: Optional[str] = None
+    """a run directory to continue from its checkpoint, appending to its logs; its config.json gives every flag not given here, and flags that change the run are refused"""
+    # ------------------------------------------------------------ end shared: checkpoint args
+
 
 # ---------------------------------------------------------------- shared: arg checks
 class ArgsError(ValueError):
@@ -175,10 +183,10 @@ class ArgsError(ValueError):
 
 def check_args(args: Args) -> None:
     """Raises ArgsError naming the first invalid field (or combination of fields): the run's fields (run_checks), the
-    network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), then the
-    algorithm's own (algorithm_checks)."""
+    network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), checkpointing
+    and resuming (checkpoint_checks), then the algorithm's own (algorithm_checks)."""
     checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}")]
-    for ok, message in checks + pruning_checks(args) + analysis_checks(args) + algorithm_checks(args):
+    for ok, message in checks + pruning_checks(args) + analysis_checks(args) + checkpoint_checks(args) + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
 # ------------------------------------------------------------ end shared: arg checks
@@ -256,7 +264,7 @@ class AtariEnv:
         self.ale.setFloat("repeat_action_probability", sticky)
         self.rom = ale_py.roms.get_rom_path(game)
         self.ale.loadROM(self.rom)
-        self.frame_skip, self.max_steps, self.steps = frame_skip, max_steps, 0
+        self.frame_skip, self.sticky, self.max_steps, self.steps = frame_skip, sticky, max_steps, 0
         self.actions = self.ale.getMinimalActionSet()
         self.action_space = gym.spaces.Discrete(len(self.actions))
         self.observation_space = gym.spaces.Box(0, 255, (84, 84), np.uint8)
@@ -280,6 +288,17 @@ class AtariEnv:
         self.ale.getScreenGrayscale(self.screens[0])
         self.screens[1].fill(0)
         return self._observation(), {}
+
+    def __getstate__(self) -> dict:
+        """Pickling (checkpoints): the emulator's whole state, its random generator (sticky actions) included."""
+        return {**self.__dict__, "ale": self.ale.cloneState(include_rng=True)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ale = ale_py.ALEInterface()
+        self.ale.setFloat("repeat_action_probability", self.sticky)
+        self.ale.loadROM(self.rom)
+        self.ale.restoreState(state["ale"])
 
     def step(self, action: int):
         reward = 0.0
@@ -795,6 +814,19 @@ class TrainState(struct.PyTreeNode):
     key: jax.Array
 
 
+def init_train_state(args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key: jax.Array) -> tuple:
+    """(TrainState, per-layer target sparsities): masks all ones for gmp and none, random at the targets for
+    static/rigl/set (from mask_rng); params masked; the target network a copy of them."""
+    targets = target_sparsities(params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution)
+    if args.pruning_method in ("static", "rigl", "set"):
+        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
+    else:
+        masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+    params = apply_masks(params, masks)
+    state = TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params), grad_step=jnp.zeros((), jnp.int32), key=key)
+    return state, targets
+
+
 def sparse_step(state: TrainState, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
     """The optimizer step of sparse training, the same for every method:
     1. at a mask-update step (counts given), new masks from the pre-update params (and, for rigl/set, grads;
@@ -1048,12 +1080,31 @@ def make_run_dir(path: str) -> str:
             candidate = f"{path}_{suffix}"
 
 
-def open_run(args: Args, extra_config: dict):
+def open_writer(run_dir: str) -> SummaryWriter:
+    """A TensorBoard writer on a new event file of run_dir (numbered, so that reopening never reuses a name)."""
+    count = sum("tfevents" in name for name in os.listdir(run_dir))
+    return SummaryWriter(run_dir, flush_secs=30, filename_suffix=f".{count:04d}")
+
+
+def fsync_directory(path: str) -> None:
+    """Makes the renames in directory `path` reach the disk."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def open_run(args: Args, extra_config: dict, last_logged_step: Optional[int] = None):
     """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag, the script's file name and
-    `extra_config`; common/plot.py groups runs by it) and returns (run_dir, TensorBoard writer)."""
+    `extra_config`; common/plot.py groups runs by it) and returns (run_dir, TensorBoard writer). With --resume, the
+    run's own directory instead, its events logged after `last_logged_step` (its checkpoint's) dropped first."""
+    if args.resume:
+        trim_events(args.resume, last_logged_step)
+        return args.resume, open_writer(args.resume)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = make_run_dir(os.path.join("runs", run_name))
-    writer = SummaryWriter(run_dir, flush_secs=30)
+    writer = open_writer(run_dir)
     config = dataclasses.asdict(args)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -1068,6 +1119,122 @@ def save_model(args: Args, run_dir: str, state) -> None:
         f.write(serialization.msgpack_serialize({"params": jax.device_get(state.params), "masks": jax.device_get(state.masks)}))
     print(f"model saved to {model_path}")
 # ------------------------------------------------------------ end shared: run files
+
+
+# ---------------------------------------------------------------- shared: checkpoints
+CHECKPOINT = "checkpoint.pkl"
+# flags a resumed run may change: they decide what is logged, saved or checkpointed, or the step size of what follows
+RESUME_MAY_CHANGE = ("resume", "save_model", "log_frequency", "metrics_frequency", "checkpoint_frequency", "checkpoint_replay",
+                     "learning_rate", "adam_eps")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss: the run stopped after checkpointing its last good train state."""
+
+
+def saved_config(run_dir: str) -> dict:
+    """The config.json of a run directory (ArgsError if there is none)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ArgsError(f"--resume {run_dir}: cannot read its config.json ({error})") from None
+
+
+def resume_defaults(argv: list) -> Optional[Args]:
+    """With --resume RUN_DIR on the command line: Args holding the run's saved flags, the defaults of every flag not given."""
+    for i, flag in enumerate(argv):
+        if flag == "--resume" and i + 1 < len(argv) or flag.startswith("--resume="):
+            config = saved_config(argv[i + 1] if flag == "--resume" else flag.split("=", 1)[1])
+            return Args(**{field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config})
+    return None
+
+
+def checkpoint_checks(args: Args) -> list:
+    """(ok, message) pairs for the checkpoint flags; a resumed run must have its checkpoint and the run's flags
+    (but RESUME_MAY_CHANGE), every difference listed."""
+    checks = [(args.checkpoint_frequency >= 0, "--checkpoint-frequency must be >= 0 (0: off)")]
+    if args.resume:
+        config = saved_config(args.resume)
+        differences = [f"--{name.replace('_', '-')} {config[name]!r} in the run, {value!r} now" for name, value in dataclasses.asdict(args).items()
+                       if name in config and name not in RESUME_MAY_CHANGE and config[name] != value]
+        checks += [(not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
+                   (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}")]
+    return checks
+
+
+def host_leaves(state) -> list:
+    """The leaves of a train state as NumPy arrays (random keys as their key data)."""
+    return [np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf) for leaf in jax.tree.leaves(state)]
+
+
+def restore_leaves(template, leaves: list):
+    """A train state like `template` holding saved host_leaves (ArgsError if their shapes or dtypes do not fit it)."""
+    template_leaves, treedef = jax.tree.flatten(template)
+    restored = []
+    for like, saved in zip(template_leaves, leaves):
+        if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+            restored.append(jax.random.wrap_key_data(saved))
+        elif like.shape == saved.shape and like.dtype == saved.dtype:
+            restored.append(jnp.asarray(saved))
+        else:
+            raise ArgsError(f"the checkpoint holds a {saved.dtype}{list(saved.shape)} where this run has a {like.dtype}{list(like.shape)}")
+    if len(leaves) != len(template_leaves):
+        raise ArgsError(f"the checkpoint holds {len(leaves)} arrays of train state where this run has {len(template_leaves)}")
+    return jax.tree.unflatten(treedef, restored)
+
+
+def save_checkpoint(run_dir: str, writer, payload: dict):
+    """Writes `payload` as run_dir/checkpoint.pkl (pickle): into a temporary file, fsynced, then renamed over the
+    previous checkpoint, which stays whole until then. The TensorBoard writer is closed first, so that every event
+    logged so far is on disk (a resume drops the later ones); returns a new writer."""
+    writer.close()
+    path = os.path.join(run_dir, CHECKPOINT)
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fsync_directory(run_dir)
+    return open_writer(run_dir)
+
+
+def load_checkpoint(run_dir: str) -> dict:
+    """The payload of run_dir/checkpoint.pkl (a leftover checkpoint.pkl.tmp, cut short, is never read)."""
+    try:
+        with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
+
+
+def trim_events(run_dir: str, last_step: int) -> None:
+    """Drops from the run's TensorBoard event files every event after `last_step` (logged by a run killed after its
+    last checkpoint) and a last record cut short, so that a resumed run's events follow without duplicate steps.
+    The records (8-byte length, 4-byte CRC, Event proto, 4-byte CRC) are copied unchanged into a file renamed over."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if "tfevents" not in name or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        kept, position = [], 0
+        while position + 12 <= len(data):
+            length = int.from_bytes(data[position: position + 8], "little")
+            end = position + 12 + length + 4
+            if end > len(data):
+                break
+            if Event.FromString(data[position + 12: end - 4]).step <= last_step:
+                kept.append(data[position:end])
+            position = end
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+# ------------------------------------------------------------ end shared: checkpoints
 
 
 def evaluate(env, greedy_action, params, rng: np.random.Generator, num_steps: int, epsilon: float, stack: int) -> list:
@@ -1119,59 +1286,73 @@ def main(args: Args) -> dict:
     q_fn, loss_fn = make_q_fn(network, args, support), make_loss(network, args, support)
     greedy_action = jax.jit(lambda params, obs: q_fn(params, obs[None], None).argmax(-1)[0])
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
-    targets = target_sparsities(params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution)
-    if args.pruning_method in ("static", "rigl", "set"):
-        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
-    else:
-        masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
-    params = apply_masks(params, masks)
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
-    state = TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params), grad_step=jnp.zeros((), jnp.int32), key=train_key)
+    state, targets = init_train_state(args, params, tx, mask_rng, train_key)
     update = make_update(loss_fn, tx, args.pruning_method)
     total_grad_steps = args.num_iterations * args.grad_steps_per_iteration
     t_start, t_end, prune_frequency = pruning_window(args, total_grad_steps)
     final_sparsity = overall_sparsity(params, targets)
 
-    # logging (x-axis: gradient steps)
-    run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency], "dataset_transitions": len(dataset)})
+    # logging (x-axis: gradient steps); a resumed run goes on from its checkpoint
+    saved = load_checkpoint(args.resume) if args.resume else None
+    run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency], "dataset_transitions": len(dataset)},
+                               saved and saved["grad_step"])
     summarize = jax.jit(sparsity_summary)
     analysis, metrics_batch = make_analysis(q_fn, loss_fn, args.metrics_grad_samples), None
-    eval_returns, grad_step, window_time, last_print = [], 0, time.time(), 0.0
-    try:
-        for iteration in range(args.num_iterations):
-            for _ in range(args.grad_steps_per_iteration):
-                counts = None
-                if is_mask_update_step(args.pruning_method, grad_step, t_start, t_end, prune_frequency):
-                    counts = mask_update_counts(args.pruning_method, state.masks, targets, grad_step, t_start, t_end, args.drop_fraction)
-                state, update_metrics = update(state, dataset.sample(rng, args.batch_size), counts)
-                grad_step += 1
-                if grad_step % args.target_update_period == 0:
-                    state = state.replace(target_params=state.params)
-                if grad_step % args.log_frequency == 0:
-                    now = time.time()
-                    schedule = gmp_schedule(grad_step - 1, t_start, t_end) if args.pruning_method == "gmp" else 1.0
-                    scalars = {"charts/SPS": args.log_frequency / max(now - window_time, 1e-9), "pruning/target_sparsity": final_sparsity * schedule}
-                    scalars.update(jax.device_get(summarize(state.params)))
-                    scalars.update(jax.device_get(update_metrics))
-                    for tag, value in scalars.items():
-                        writer.add_scalar(tag, float(value), grad_step)
-                    window_time = now
-                    if now - last_print > 10:
-                        last_print = now
-                        print(f"grad step {grad_step}/{total_grad_steps} | SPS {scalars['charts/SPS']:.0f} | td loss "
-                              f"{float(update_metrics['losses/td_loss']):.4f} | sparsity {float(scalars['pruning/kernel_sparsity']):.3f}", flush=True)
-                if args.metrics_frequency and grad_step % args.metrics_frequency == 0:
-                    if metrics_batch is None:
-                        metrics_batch = by_action(dataset.sample(metrics_rng, args.metrics_batch_size))  # drawn once, then fixed
-                    write_analysis(writer, analysis(state.params, state.target_params, state.masks, metrics_batch, metrics_key), grad_step)
+    eval_returns, start, window_time, last_print = [], 0, time.time(), 0.0
+    if saved is not None:
+        state = restore_leaves(state, saved["train_state"])
+        rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
+        env, start, eval_returns, metrics_batch = saved["env"], saved["grad_step"], saved["eval_returns"], saved["metrics_batch"]
+        print(f"resumed {run_dir} at gradient step {start}", flush=True)
 
-            returns = evaluate(env, greedy_action, state.params, rng, args.eval_steps, args.eval_epsilon, stack)
-            eval_returns.append(float(np.mean(returns)))
-            writer.add_scalar("charts/eval_return", eval_returns[-1], grad_step)
-            writer.add_scalar("charts/eval_episodes", len(returns), grad_step)
-            print(f"iteration {iteration + 1}/{args.num_iterations} | grad step {grad_step} | eval return {eval_returns[-1]:.1f} "
-                  f"over {len(returns)} episodes", flush=True)
-            window_time = time.time()  # the evaluation's time does not count against the gradient steps' SPS
+    def checkpoint(grad_steps: int, train_state: TrainState):  # everything the loop needs after `grad_steps` gradient steps
+        return save_checkpoint(run_dir, writer, {
+            "grad_step": grad_steps, "train_state": host_leaves(train_state), "rng": rng.bit_generator.state,
+            "metrics_rng": metrics_rng.bit_generator.state, "env": env, "eval_returns": eval_returns, "metrics_batch": metrics_batch})
+
+    last_good = state  # the train state before the last update whose loss was finite
+    try:
+        for grad_step in range(start + 1, total_grad_steps + 1):  # the number of gradient steps done after this one
+            counts = None
+            if is_mask_update_step(args.pruning_method, grad_step - 1, t_start, t_end, prune_frequency):
+                counts = mask_update_counts(args.pruning_method, state.masks, targets, grad_step - 1, t_start, t_end, args.drop_fraction)
+            before, (state, update_metrics) = state, update(state, dataset.sample(rng, args.batch_size), counts)
+            if not np.isfinite(float(update_metrics["losses/total_loss"])):  # the params this loss came from are suspect too
+                writer = checkpoint(int(last_good.grad_step), last_good)
+                raise NonFiniteError(f"non-finite loss at gradient step {grad_step - 1}; the last good train state (gradient step "
+                                     f"{int(last_good.grad_step)}) is checkpointed in {run_dir}")
+            last_good = before
+            if grad_step % args.target_update_period == 0:
+                state = state.replace(target_params=state.params)
+            if grad_step % args.log_frequency == 0:
+                now = time.time()
+                schedule = gmp_schedule(grad_step - 1, t_start, t_end) if args.pruning_method == "gmp" else 1.0
+                scalars = {"charts/SPS": args.log_frequency / max(now - window_time, 1e-9), "pruning/target_sparsity": final_sparsity * schedule}
+                scalars.update(jax.device_get(summarize(state.params)))
+                scalars.update(jax.device_get(update_metrics))
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, float(value), grad_step)
+                window_time = now
+                if now - last_print > 10:
+                    last_print = now
+                    print(f"grad step {grad_step}/{total_grad_steps} | SPS {scalars['charts/SPS']:.0f} | td loss "
+                          f"{float(update_metrics['losses/td_loss']):.4f} | sparsity {float(scalars['pruning/kernel_sparsity']):.3f}", flush=True)
+            if args.metrics_frequency and grad_step % args.metrics_frequency == 0:
+                if metrics_batch is None:
+                    metrics_batch = by_action(dataset.sample(metrics_rng, args.metrics_batch_size))  # drawn once, then fixed
+                write_analysis(writer, analysis(state.params, state.target_params, state.masks, metrics_batch, metrics_key), grad_step)
+
+            if grad_step % args.grad_steps_per_iteration == 0:  # the iteration ends with an evaluation
+                returns = evaluate(env, greedy_action, state.params, rng, args.eval_steps, args.eval_epsilon, stack)
+                eval_returns.append(float(np.mean(returns)))
+                writer.add_scalar("charts/eval_return", eval_returns[-1], grad_step)
+                writer.add_scalar("charts/eval_episodes", len(returns), grad_step)
+                print(f"iteration {len(eval_returns)}/{args.num_iterations} | grad step {grad_step} | eval return {eval_returns[-1]:.1f} "
+                      f"over {len(returns)} episodes", flush=True)
+                window_time = time.time()  # the evaluation's time does not count against the gradient steps' SPS
+            if args.checkpoint_frequency and grad_step % args.checkpoint_frequency == 0:
+                writer = checkpoint(grad_step, state)
     finally:
         writer.close()
 
@@ -1180,10 +1361,14 @@ def main(args: Args) -> dict:
     return {"run_dir": run_dir, "eval_returns": eval_returns}
 
 
+# ---------------------------------------------------------------- shared: command line
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
     try:
-        main(cli_args)
-    except ArgsError as error:
+        main(tyro.cli(Args, default=resume_defaults(sys.argv[1:])))
+    except ArgsError as error:  # a bad flag: nothing was written
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+# ------------------------------------------------------------ end shared: command line

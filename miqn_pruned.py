@@ -47,6 +47,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from collections import deque
@@ -90,6 +91,8 @@ class Args:
     """also write every stored transition to this directory as DQN Replay Dataset checkpoints (METHODS 7.2), an offline dataset for cql_pruned.py; unset: off"""
     save_replay_checkpoint_size: int = 1_000_000
     """slots per checkpoint of --save-replay-dir (Dopamine's logged buffers hold 1M)"""
+    checkpoint_replay: bool = True
+    """checkpoints include the replay buffer (--no-checkpoint-replay: much smaller ones, but a resumed run refills its buffer for --learning-starts env steps before it learns again, so it is not exact)"""
     # ------------------------------------------------------------ end shared: experiment args
 
     # algorithm specific arguments (IQN; SPEC 3, 3.3)
@@ -172,6 +175,13 @@ class Args:
     """the first transitions of that batch whose per-sample gradients make the gradient covariance matrix (memory: samples x parameters floats)"""
     # ------------------------------------------------------------ end shared: analysis args
 
+    # ---------------------------------------------------------------- shared: checkpoint args
+    checkpoint_frequency: int = 0
+    """steps between checkpoints of everything the run needs to go on, runs/{run_name}/checkpoint.pkl (env steps; gradient steps in cql_pruned.py); 0: off"""
+    resume: Optional[str] = None
+    """a run directory to continue from its checkpoint, appending to its logs; its config.json gives every flag not given here, and flags that change the run are refused"""
+    # ------------------------------------------------------------ end shared: checkpoint args
+
 
 # ---------------------------------------------------------------- shared: arg checks
 class ArgsError(ValueError):
@@ -180,10 +190,10 @@ class ArgsError(ValueError):
 
 def check_args(args: Args) -> None:
     """Raises ArgsError naming the first invalid field (or combination of fields): the run's fields (run_checks), the
-    network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), then the
-    algorithm's own (algorithm_checks)."""
+    network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), checkpointing
+    and resuming (checkpoint_checks), then the algorithm's own (algorithm_checks)."""
     checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}")]
-    for ok, message in checks + pruning_checks(args) + analysis_checks(args) + algorithm_checks(args):
+    for ok, message in checks + pruning_checks(args) + analysis_checks(args) + checkpoint_checks(args) + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
 # ------------------------------------------------------------ end shared: arg checks
@@ -237,7 +247,7 @@ class AtariEnv:
         self.ale.setFloat("repeat_action_probability", sticky)
         self.rom = ale_py.roms.get_rom_path(game)
         self.ale.loadROM(self.rom)
-        self.frame_skip, self.max_steps, self.steps = frame_skip, max_steps, 0
+        self.frame_skip, self.sticky, self.max_steps, self.steps = frame_skip, sticky, max_steps, 0
         self.actions = self.ale.getMinimalActionSet()
         self.action_space = gym.spaces.Discrete(len(self.actions))
         self.observation_space = gym.spaces.Box(0, 255, (84, 84), np.uint8)
@@ -261,6 +271,17 @@ class AtariEnv:
         self.ale.getScreenGrayscale(self.screens[0])
         self.screens[1].fill(0)
         return self._observation(), {}
+
+    def __getstate__(self) -> dict:
+        """Pickling (checkpoints): the emulator's whole state, its random generator (sticky actions) included."""
+        return {**self.__dict__, "ale": self.ale.cloneState(include_rng=True)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ale = ale_py.ALEInterface()
+        self.ale.setFloat("repeat_action_probability", self.sticky)
+        self.ale.loadROM(self.rom)
+        self.ale.restoreState(state["ale"])
 
     def step(self, action: int):
         reward = 0.0
@@ -585,11 +606,7 @@ class DatasetWriter:
                 os.fsync(f.fileno())
         for name in (*arrays, STORES[0]):  # the frames last: a checkpoint with its frames file is complete
             os.replace(self._temporary(name), replay_file(self.directory, name, self.suffix))
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the renames themselves reach the disk
-        finally:
-            os.close(directory)
+        fsync_directory(self.directory)  # the renames themselves reach the disk
         self.suffix, self.cursor, self.truncations = self.suffix + 1, 0, []
         for array in (self.actions, self.rewards, self.terminals):
             array.fill(0)
@@ -598,6 +615,44 @@ class DatasetWriter:
         """Writes the last, partial checkpoint (if any slot is pending)."""
         if self.observations is not None:
             self._write_checkpoint(self.cursor)
+
+    def checkpoint(self) -> dict:
+        """The writer's state for a run checkpoint. The frames written so far end their gzip member and reach the disk,
+        so that resume() can cut the frames file back to exactly them (later frames go on in a new member)."""
+        frames_bytes = 0
+        if self.observations is not None:
+            raw, stream = self.observations
+            stream.close()  # ends the gzip member, not the file under it
+            raw.flush()
+            os.fsync(raw.fileno())
+            frames_bytes = raw.tell()
+            self.observations = (raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0))
+        return {"suffix": self.suffix, "cursor": self.cursor, "add_count": self.add_count, "episode_start": self.episode_start,
+                "actions": self.actions[: self.cursor].copy(), "rewards": self.rewards[: self.cursor].copy(),
+                "terminals": self.terminals[: self.cursor].copy(), "truncations": list(self.truncations), "frames_bytes": frames_bytes}
+
+    def resume(self, saved: dict) -> None:
+        """Goes on from a run checkpoint's writer state: files of the checkpoint then pending, or of later ones, go
+        (a checkpoint finished after the run's own is rewritten), except the pending frames, cut back to `frames_bytes`."""
+        self.suffix, self.cursor, self.add_count, self.episode_start = saved["suffix"], saved["cursor"], saved["add_count"], saved["episode_start"]
+        for array, name in ((self.actions, "actions"), (self.rewards, "rewards"), (self.terminals, "terminals")):
+            array[: self.cursor] = saved[name]
+        self.truncations = list(saved["truncations"])
+        frames = self._temporary(STORES[0])
+        if saved["frames_bytes"]:
+            finished = replay_file(self.directory, STORES[0], self.suffix)
+            if not os.path.exists(frames):  # the checkpoint was finished after the run's: its frames start the same
+                os.replace(finished, frames)
+            raw = open(frames, "r+b")
+            raw.truncate(saved["frames_bytes"])
+            raw.seek(saved["frames_bytes"])
+            self.observations = (raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0))
+        for file_name in os.listdir(self.directory):
+            name, _, rest = file_name.partition("_ckpt.")
+            suffix = rest.split(".")[0]
+            path = os.path.join(self.directory, file_name)
+            if suffix.isdigit() and int(suffix) >= self.suffix and path != frames:
+                os.remove(path)
 # ------------------------------------------------------------ end shared: dataset writer
 
 
@@ -759,6 +814,19 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     grad_step: jax.Array  # c, gradient steps completed
     key: jax.Array
+
+
+def init_train_state(args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key: jax.Array) -> tuple:
+    """(TrainState, per-layer target sparsities): masks all ones for gmp and none, random at the targets for
+    static/rigl/set (from mask_rng); params masked; the target network a copy of them."""
+    targets = target_sparsities(params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution)
+    if args.pruning_method in ("static", "rigl", "set"):
+        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
+    else:
+        masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+    params = apply_masks(params, masks)
+    state = TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params), grad_step=jnp.zeros((), jnp.int32), key=key)
+    return state, targets
 
 
 def sparse_step(state: TrainState, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
@@ -1004,7 +1072,7 @@ def run_checks(args: Args) -> list:
         (args.learning_starts < args.total_timesteps, "--learning-starts must be < --total-timesteps (no gradient step would run)"),
         (args.train_frequency > 0, "--train-frequency must be > 0"),
         (args.save_replay_checkpoint_size > 0, "--save-replay-checkpoint-size must be > 0"),
-        (not args.save_replay_dir or not checkpoint_files(args.save_replay_dir),
+        (not args.save_replay_dir or args.resume or not checkpoint_files(args.save_replay_dir),
          f"--save-replay-dir {args.save_replay_dir} already holds replay checkpoints; choose a new directory"),
     ]
 
@@ -1079,12 +1147,31 @@ def make_run_dir(path: str) -> str:
             candidate = f"{path}_{suffix}"
 
 
-def open_run(args: Args, extra_config: dict):
+def open_writer(run_dir: str) -> SummaryWriter:
+    """A TensorBoard writer on a new event file of run_dir (numbered, so that reopening never reuses a name)."""
+    count = sum("tfevents" in name for name in os.listdir(run_dir))
+    return SummaryWriter(run_dir, flush_secs=30, filename_suffix=f".{count:04d}")
+
+
+def fsync_directory(path: str) -> None:
+    """Makes the renames in directory `path` reach the disk."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def open_run(args: Args, extra_config: dict, last_logged_step: Optional[int] = None):
     """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag, the script's file name and
-    `extra_config`; common/plot.py groups runs by it) and returns (run_dir, TensorBoard writer)."""
+    `extra_config`; common/plot.py groups runs by it) and returns (run_dir, TensorBoard writer). With --resume, the
+    run's own directory instead, its events logged after `last_logged_step` (its checkpoint's) dropped first."""
+    if args.resume:
+        trim_events(args.resume, last_logged_step)
+        return args.resume, open_writer(args.resume)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = make_run_dir(os.path.join("runs", run_name))
-    writer = SummaryWriter(run_dir, flush_secs=30)
+    writer = open_writer(run_dir)
     config = dataclasses.asdict(args)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -1101,8 +1188,126 @@ def save_model(args: Args, run_dir: str, state) -> None:
 # ------------------------------------------------------------ end shared: run files
 
 
-def main(args: Args) -> dict:
-    """Trains; returns {"run_dir": ..., "episodic_returns": [...]}."""
+# ---------------------------------------------------------------- shared: checkpoints
+CHECKPOINT = "checkpoint.pkl"
+# flags a resumed run may change: they decide what is logged, saved or checkpointed, or the step size of what follows
+RESUME_MAY_CHANGE = ("resume", "save_model", "log_frequency", "metrics_frequency", "checkpoint_frequency", "checkpoint_replay",
+                     "learning_rate", "adam_eps")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss: the run stopped after checkpointing its last good train state."""
+
+
+def saved_config(run_dir: str) -> dict:
+    """The config.json of a run directory (ArgsError if there is none)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ArgsError(f"--resume {run_dir}: cannot read its config.json ({error})") from None
+
+
+def resume_defaults(argv: list) -> Optional[Args]:
+    """With --resume RUN_DIR on the command line: Args holding the run's saved flags, the defaults of every flag not given."""
+    for i, flag in enumerate(argv):
+        if flag == "--resume" and i + 1 < len(argv) or flag.startswith("--resume="):
+            config = saved_config(argv[i + 1] if flag == "--resume" else flag.split("=", 1)[1])
+            return Args(**{field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config})
+    return None
+
+
+def checkpoint_checks(args: Args) -> list:
+    """(ok, message) pairs for the checkpoint flags; a resumed run must have its checkpoint and the run's flags
+    (but RESUME_MAY_CHANGE), every difference listed."""
+    checks = [(args.checkpoint_frequency >= 0, "--checkpoint-frequency must be >= 0 (0: off)")]
+    if args.resume:
+        config = saved_config(args.resume)
+        differences = [f"--{name.replace('_', '-')} {config[name]!r} in the run, {value!r} now" for name, value in dataclasses.asdict(args).items()
+                       if name in config and name not in RESUME_MAY_CHANGE and config[name] != value]
+        checks += [(not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
+                   (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}")]
+    return checks
+
+
+def host_leaves(state) -> list:
+    """The leaves of a train state as NumPy arrays (random keys as their key data)."""
+    return [np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf) for leaf in jax.tree.leaves(state)]
+
+
+def restore_leaves(template, leaves: list):
+    """A train state like `template` holding saved host_leaves (ArgsError if their shapes or dtypes do not fit it)."""
+    template_leaves, treedef = jax.tree.flatten(template)
+    restored = []
+    for like, saved in zip(template_leaves, leaves):
+        if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+            restored.append(jax.random.wrap_key_data(saved))
+        elif like.shape == saved.shape and like.dtype == saved.dtype:
+            restored.append(jnp.asarray(saved))
+        else:
+            raise ArgsError(f"the checkpoint holds a {saved.dtype}{list(saved.shape)} where this run has a {like.dtype}{list(like.shape)}")
+    if len(leaves) != len(template_leaves):
+        raise ArgsError(f"the checkpoint holds {len(leaves)} arrays of train state where this run has {len(template_leaves)}")
+    return jax.tree.unflatten(treedef, restored)
+
+
+def save_checkpoint(run_dir: str, writer, payload: dict):
+    """Writes `payload` as run_dir/checkpoint.pkl (pickle): into a temporary file, fsynced, then renamed over the
+    previous checkpoint, which stays whole until then. The TensorBoard writer is closed first, so that every event
+    logged so far is on disk (a resume drops the later ones); returns a new writer."""
+    writer.close()
+    path = os.path.join(run_dir, CHECKPOINT)
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fsync_directory(run_dir)
+    return open_writer(run_dir)
+
+
+def load_checkpoint(run_dir: str) -> dict:
+    """The payload of run_dir/checkpoint.pkl (a leftover checkpoint.pkl.tmp, cut short, is never read)."""
+    try:
+        with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
+
+
+def trim_events(run_dir: str, last_step: int) -> None:
+    """Drops from the run's TensorBoard event files every event after `last_step` (logged by a run killed after its
+    last checkpoint) and a last record cut short, so that a resumed run's events follow without duplicate steps.
+    The records (8-byte length, 4-byte CRC, Event proto, 4-byte CRC) are copied unchanged into a file renamed over."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if "tfevents" not in name or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        kept, position = [], 0
+        while position + 12 <= len(data):
+            length = int.from_bytes(data[position: position + 8], "little")
+            end = position + 12 + length + 4
+            if end > len(data):
+                break
+            if Event.FromString(data[position + 12: end - 4]).step <= last_step:
+                kept.append(data[position:end])
+            position = end
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+# ------------------------------------------------------------ end shared: checkpoints
+
+
+# ---------------------------------------------------------------- shared: online loop
+def checked_env(args: Args) -> tuple:
+    """check_args, then (env, is_atari, frame stack); ArgsError for a network that does not fit the observations or a
+    buffer too small for one transition."""
     check_args(args)
     env, is_atari = make_env(args.env_id)
     if args.network != "mlp" and not is_atari:
@@ -1110,47 +1315,55 @@ def main(args: Args) -> dict:
     stack = 4 if is_atari else 1
     if args.buffer_size < stack + args.n_step:  # the smallest buffer that can hold one whole transition
         raise ArgsError(f"--buffer-size ({args.buffer_size}) must be >= frame stack + n-step ({stack + args.n_step})")
+    return env, is_atari, stack
 
-    # seeding: NumPy generators for the host (env seeds, exploration, replay; random masks on their own stream, so
-    # that every method sees the same env seeds for a seed) and one JAX root key (network init, quantile fractions
-    # for learning and acting, SET regrowth)
-    rng, mask_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
+
+def train_online(args: Args, env, is_atari: bool, state: TrainState, targets, rb, rng: np.random.Generator, learn, greedy_action, analysis) -> dict:
+    """The online agents' loop: act epsilon-greedily, store the transition, take a gradient step every
+    --train-frequency env steps once learning starts (learn(state, counts) -> (state, metrics) samples its own batch;
+    counts are set at mask-update steps), copy the target network, log, checkpoint. Stops with NonFiniteError at a
+    non-finite loss. Returns {"run_dir": ..., "episodic_returns": [...]}."""
+    stack = 4 if is_atari else 1
+    frame_shape, frame_dtype = env.observation_space.shape, env.observation_space.dtype
+    t_start, t_end, prune_frequency = prune_window(args)
     # the analysis draws its batch and key from streams of its own, so that logging it never changes training
     metrics_rng, metrics_key = np.random.default_rng([args.seed, 2]), jax.random.fold_in(jax.random.key(args.seed), 2)
-    init_key, train_key, act_key = jax.random.split(jax.random.key(args.seed), 3)
-
-    # network, masks, optimizer
-    frame_shape, frame_dtype = env.observation_space.shape, env.observation_space.dtype
-    network = IQNNetwork(env.action_space.n, args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias, args.quantile_embedding_dim)
-    params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype), np.zeros((1, 1), np.float32))["params"]
-    targets = target_sparsities(params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution)
-    if args.pruning_method in ("static", "rigl", "set"):
-        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
-    else:
-        masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
-    params = apply_masks(params, masks)
-    tx = optax.adam(args.learning_rate, eps=args.adam_eps)
-    state = TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params), grad_step=jnp.zeros((), jnp.int32), key=train_key)
-    q_fn, loss_fn = make_q_fn(network, args.num_quantile_samples), make_loss(network, args)
-    update = make_update(loss_fn, tx, args.pruning_method)
-    # argmax_a of the mean of K quantiles at fractions drawn from a key of this env step
-    greedy_action = jax.jit(lambda params, obs, step: q_fn(params, obs[None], jax.random.fold_in(act_key, step)).argmax(-1)[0])
-    t_start, t_end, prune_frequency = prune_window(args)
-    rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
     dataset = None
     if args.save_replay_dir:
         dataset = DatasetWriter(args.save_replay_dir, args.save_replay_checkpoint_size, frame_shape, frame_dtype, stack, args.n_step)
-
-    # logging
-    run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency]})
-    logger = RunLogger(args, writer, overall_sparsity(params, targets), (t_start, t_end, prune_frequency))
-    analysis, metrics_batch = make_analysis(q_fn, loss_fn, args.metrics_grad_samples), None
+    saved = load_checkpoint(args.resume) if args.resume else None
+    run_dir, writer = open_run(args, {"prune_window_grad_steps": [t_start, t_end, prune_frequency]}, saved and saved["logged_step"])
+    logger = RunLogger(args, writer, overall_sparsity(state.params, targets), (t_start, t_end, prune_frequency))
 
     obs_frame, _ = env.reset(seed=int(rng.integers(2**31)))
     frames = deque([np.zeros_like(obs_frame)] * (stack - 1) + [obs_frame], maxlen=stack)  # zero-filled at episode start
-    episode_return, episode_length, grad_step, update_metrics = 0.0, 0, 0, None
+    start, grad_step, episode_return, episode_length, update_metrics, metrics_batch = 0, 0, 0.0, 0, None, None
+    learning_starts = args.learning_starts
+    if saved is not None:  # go on exactly where the checkpoint was written
+        state = restore_leaves(state, saved["train_state"])
+        rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
+        env, obs_frame, frames = saved["env"], saved["obs_frame"], deque(saved["frames"], maxlen=stack)
+        start, grad_step, episode_return, episode_length = saved["global_step"], saved["grad_step"], saved["episode_return"], saved["episode_length"]
+        update_metrics, metrics_batch, logger.returns, logger.window_start = saved["update_metrics"], saved["metrics_batch"], saved["returns"], start
+        if saved["replay"] is not None:
+            rb.__dict__.update(saved["replay"].__dict__)
+        else:  # refill the buffer before learning again
+            learning_starts = start + args.learning_starts
+        if dataset is not None:
+            dataset.resume(saved["dataset"])
+        print(f"resumed {run_dir} at env step {start}, gradient step {grad_step}", flush=True)
+
+    def checkpoint(global_step: int, train_state: TrainState, grad_steps: int):  # everything the loop needs after `global_step`
+        return save_checkpoint(run_dir, writer, {
+            "logged_step": global_step, "global_step": global_step + 1, "grad_step": grad_steps, "train_state": host_leaves(train_state),
+            "rng": rng.bit_generator.state, "metrics_rng": metrics_rng.bit_generator.state, "env": env, "obs_frame": obs_frame,
+            "frames": list(frames), "episode_return": episode_return, "episode_length": episode_length,
+            "update_metrics": jax.device_get(update_metrics), "metrics_batch": metrics_batch, "returns": logger.returns,
+            "replay": rb if args.checkpoint_replay else None, "dataset": dataset.checkpoint() if dataset is not None else None})
+
+    last_good = state  # the train state before the last update whose loss was finite
     try:
-        for global_step in range(args.total_timesteps):
+        for global_step in range(start, args.total_timesteps):
             # act: epsilon-greedy on the stacked observation
             epsilon = linear_epsilon(global_step, args.start_e, args.end_e, args.exploration_steps, args.learning_starts)
             if rng.random() < epsilon:
@@ -1174,21 +1387,29 @@ def main(args: Args) -> dict:
             obs_frame = next_frame
 
             # learn
-            if global_step >= args.learning_starts:
+            if global_step >= learning_starts:
                 if global_step % args.train_frequency == 0:
                     counts = None
                     if is_mask_update_step(args.pruning_method, grad_step, t_start, t_end, prune_frequency):
                         counts = mask_update_counts(args.pruning_method, state.masks, targets, grad_step, t_start, t_end, args.drop_fraction)
-                    state, update_metrics = update(state, rb.sample(rng, args.batch_size), counts)
+                    before, (state, update_metrics) = state, learn(state, counts)
+                    if not np.isfinite(float(update_metrics["losses/td_loss"])):  # the params this loss came from are suspect too
+                        update_metrics = None
+                        writer = checkpoint(global_step, last_good, int(last_good.grad_step))
+                        raise NonFiniteError(f"non-finite loss at env step {global_step}, gradient step {grad_step}; the last good "
+                                             f"train state (gradient step {int(last_good.grad_step)}) is checkpointed in {run_dir}")
+                    last_good = before
                     grad_step += 1
                 if global_step % args.target_network_frequency == 0:
                     state = state.replace(target_params=state.params)
 
             logger.step(global_step, epsilon, grad_step, state.params, update_metrics)
-            if args.metrics_frequency and global_step >= args.learning_starts and (global_step + 1) % args.metrics_frequency == 0:
+            if args.metrics_frequency and global_step >= learning_starts and (global_step + 1) % args.metrics_frequency == 0:
                 if metrics_batch is None:
                     metrics_batch = by_action(rb.sample_slots(metrics_rng, args.metrics_batch_size)[0])  # drawn once, then fixed
                 write_analysis(writer, analysis(state.params, state.target_params, state.masks, metrics_batch, metrics_key), global_step)
+            if args.checkpoint_frequency and (global_step + 1) % args.checkpoint_frequency == 0:
+                writer = logger.writer = checkpoint(global_step, state, grad_step)
     finally:  # also when interrupted: the logs and the dataset so far are kept
         writer.close()
         if dataset is not None:
@@ -1197,12 +1418,45 @@ def main(args: Args) -> dict:
     if args.save_model:
         save_model(args, run_dir, state)
     return {"run_dir": run_dir, "episodic_returns": logger.returns}
+# ------------------------------------------------------------ end shared: online loop
 
 
+def main(args: Args) -> dict:
+    """Trains; returns {"run_dir": ..., "episodic_returns": [...]}."""
+    env, is_atari, stack = checked_env(args)
+
+    # seeding: NumPy generators for the host (env seeds, exploration, replay; random masks on their own stream, so
+    # that every method sees the same env seeds for a seed) and one JAX root key (network init, quantile fractions
+    # for learning and acting, SET regrowth)
+    rng, mask_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
+    init_key, train_key, act_key = jax.random.split(jax.random.key(args.seed), 3)
+
+    # network, masks, optimizer, update, acting
+    frame_shape, frame_dtype = env.observation_space.shape, env.observation_space.dtype
+    network = IQNNetwork(env.action_space.n, args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias, args.quantile_embedding_dim)
+    params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype), np.zeros((1, 1), np.float32))["params"]
+    tx = optax.adam(args.learning_rate, eps=args.adam_eps)
+    state, targets = init_train_state(args, params, tx, mask_rng, train_key)
+    q_fn, loss_fn = make_q_fn(network, args.num_quantile_samples), make_loss(network, args)
+    update = make_update(loss_fn, tx, args.pruning_method)
+    # argmax_a of the mean of K quantiles at fractions drawn from a key of this env step
+    greedy_action = jax.jit(lambda params, obs, step: q_fn(params, obs[None], jax.random.fold_in(act_key, step)).argmax(-1)[0])
+    rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
+
+    def learn(state: TrainState, counts):  # one gradient step on a uniform replay batch
+        return update(state, rb.sample(rng, args.batch_size), counts)
+
+    return train_online(args, env, is_atari, state, targets, rb, rng, learn, greedy_action, make_analysis(q_fn, loss_fn, args.metrics_grad_samples))
+
+
+# ---------------------------------------------------------------- shared: command line
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
     try:
-        main(cli_args)
-    except ArgsError as error:
+        main(tyro.cli(Args, default=resume_defaults(sys.argv[1:])))
+    except ArgsError as error:  # a bad flag: nothing was written
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+# ------------------------------------------------------------ end shared: command line

@@ -11,11 +11,12 @@ from conftest import ROOT
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "*_pruned.py")))
 MARKER = re.compile(r"^[ \t]*# -+ (end )?shared: (.+)$", flags=re.M)
 # The sections of dqn_pruned.py, in file order; every online agent has all of them.
-SECTIONS = ["experiment args", "pruning args", "analysis args", "arg checks", "environment", "network torso", "batch",
-            "replay buffer", "dataset format", "dataset writer", "sparse training", "analysis", "run helpers", "run files"]
+SECTIONS = ["experiment args", "pruning args", "analysis args", "checkpoint args", "arg checks", "environment", "network torso",
+            "batch", "replay buffer", "dataset format", "dataset writer", "sparse training", "analysis", "run helpers",
+            "run files", "checkpoints", "online loop", "command line"]
 # The offline agent shares what does not belong to the online loop, and the C51 pieces with Rainbow.
-OFFLINE_SECTIONS = ["pruning args", "analysis args", "arg checks", "environment", "network torso", "q network", "batch",
-                    "dataset format", "sparse training", "categorical", "analysis", "run files"]
+OFFLINE_SECTIONS = ["pruning args", "analysis args", "checkpoint args", "arg checks", "environment", "network torso", "q network",
+                    "batch", "dataset format", "sparse training", "categorical", "analysis", "run files", "checkpoints", "command line"]
 PAIRWISE = {"q network": "dqn_pruned.py", "categorical": "rainbow_pruned.py"}  # shared by that script and cql_pruned.py
 
 
