@@ -38,6 +38,12 @@ Deviations from the paper and its code (the same list is in the README)
        checkpoint the slots around the write cursor are also excluded for this reader's stack and n (the file's
        invalid_range holds the logging agent's n = 1): a 3-step window never ends on the stale slot there.
 
+Analysis, checkpoints (the README explains both)
+    --metrics-frequency N logs common/metrics.py's analysis metrics (dormant and dead neurons, srank, norms, gradient
+    covariance) on one fixed batch every N steps. --checkpoint-frequency N writes everything the run needs to go on
+    every N steps (runs/.../checkpoint.pkl, atomically); --resume RUN_DIR continues it bit-identically on CPU. A
+    non-finite loss stops the run after checkpointing the last good train state.
+
 Examples (the README explains them)
     python dqn_pruned.py --env-id CartPole-v1 ... --save-replay-dir data/cartpole           # make a dataset (CPU)
     python cql_pruned.py --env-id CartPole-v1 --network mlp --dataset-dir data/cartpole ...  # train on it (CPU)
@@ -55,7 +61,7 @@ import sys
 import time
 import zlib
 from collections import deque
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, get_args, get_origin
 
 import ale_py
 import flax.linen as nn
@@ -185,7 +191,11 @@ def check_args(args: Args) -> None:
     """Raises ArgsError naming the first invalid field (or combination of fields): the run's fields (run_checks), the
     network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), checkpointing
     and resuming (checkpoint_checks), then the algorithm's own (algorithm_checks)."""
-    checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}")]
+    checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}"),
+                                 (args.exp_name not in ("", ".", "..") and "/" not in args.exp_name, f"--exp-name must be a name, not {args.exp_name!r}")]
+    for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
+        choices = get_args(field.type) if get_origin(field.type) is Literal else ()
+        checks.append((not choices or getattr(args, field.name) in choices, f"--{field.name.replace('_', '-')} must be one of {choices}"))
     for ok, message in checks + pruning_checks(args) + analysis_checks(args) + checkpoint_checks(args) + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
@@ -284,23 +294,30 @@ class AtariEnv:
             self.ale.setInt("random_seed", seed % 2**31)
             self.ale.loadROM(self.rom)
         self.ale.reset_game()
-        self.steps = 0
+        self.steps, self.start_state, self.episode_actions = 0, self.ale.cloneState(include_rng=True), []
         self.ale.getScreenGrayscale(self.screens[0])
         self.screens[1].fill(0)
         return self._observation(), {}
 
     def __getstate__(self) -> dict:
-        """Pickling (checkpoints): the emulator's whole state, its random generator (sticky actions) included."""
-        return {**self.__dict__, "ale": self.ale.cloneState(include_rng=True)}
+        """Pickling (checkpoints). ALE's cloned state leaves out the last action, which sticky actions repeat, so the
+        episode so far is kept instead: its start state (random generator included) and its actions."""
+        return {name: value for name, value in self.__dict__.items() if name != "ale"}
 
     def __setstate__(self, state: dict) -> None:
+        """Unpickling: a new emulator replays the episode's actions from its start state."""
         self.__dict__.update(state)
         self.ale = ale_py.ALEInterface()
         self.ale.setFloat("repeat_action_probability", self.sticky)
         self.ale.loadROM(self.rom)
-        self.ale.restoreState(state["ale"])
+        self.ale.restoreState(self.start_state)
+        actions, self.episode_actions, self.steps = self.episode_actions, [], 0
+        for action in actions:
+            self.step(action)
+        self.screens = state["screens"]
 
     def step(self, action: int):
+        self.episode_actions.append(action)
         reward = 0.0
         for t in range(self.frame_skip):
             reward += self.ale.act(self.actions[action])
@@ -1163,6 +1180,28 @@ def checkpoint_checks(args: Args) -> list:
     return checks
 
 
+def object_state(obj) -> dict:
+    """The attributes of one of this script's objects (a replay buffer, an AtariEnv) as plain data, nested objects of
+    the script (a sum tree) as dicts too: a checkpoint never names the script's classes, which do not unpickle
+    where the script is not __main__."""
+    own = type(obj).__module__
+    state = obj.__getstate__() if isinstance(obj, AtariEnv) else vars(obj)
+    return {name: object_state(value) if type(value).__module__ == own and hasattr(value, "__dict__") else value for name, value in state.items()}
+
+
+def restore_object(obj, state: dict) -> None:
+    """Puts object_state(...) back into an object of the same class, in place."""
+    if isinstance(obj, AtariEnv):
+        obj.__setstate__(state)
+        return
+    for name, value in state.items():
+        current = getattr(obj, name, None)
+        if isinstance(value, dict) and type(current).__module__ == type(obj).__module__ and hasattr(current, "__dict__"):
+            restore_object(current, value)
+        else:
+            setattr(obj, name, value)
+
+
 def host_leaves(state) -> list:
     """The leaves of a train state as NumPy arrays (random keys as their key data)."""
     return [np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf) for leaf in jax.tree.leaves(state)]
@@ -1303,13 +1342,19 @@ def main(args: Args) -> dict:
     if saved is not None:
         state = restore_leaves(state, saved["train_state"])
         rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
-        env, start, eval_returns, metrics_batch = saved["env"], saved["grad_step"], saved["eval_returns"], saved["metrics_batch"]
+        if is_atari:
+            restore_object(env, saved["env"])
+        else:
+            env = saved["env"]
+        start, eval_returns = saved["grad_step"], saved["eval_returns"]
+        metrics_batch = None if saved["metrics_batch"] is None else Batch(*saved["metrics_batch"])
         print(f"resumed {run_dir} at gradient step {start}", flush=True)
 
     def checkpoint(grad_steps: int, train_state: TrainState):  # everything the loop needs after `grad_steps` gradient steps
         return save_checkpoint(run_dir, writer, {
             "grad_step": grad_steps, "train_state": host_leaves(train_state), "rng": rng.bit_generator.state,
-            "metrics_rng": metrics_rng.bit_generator.state, "env": env, "eval_returns": eval_returns, "metrics_batch": metrics_batch})
+            "metrics_rng": metrics_rng.bit_generator.state, "env": object_state(env) if is_atari else env, "eval_returns": eval_returns,
+            "metrics_batch": None if metrics_batch is None else tuple(metrics_batch)})
 
     last_good = state  # the train state before the last update whose loss was finite
     try:

@@ -36,6 +36,12 @@ Deviations from the paper and its code (the same list is in the README)
        same computation as Dopamine's two passes.
     9. n = 3 by default, following the paper's Table 2; the original M-IQN uses n = 1 (--n-step 1).
 
+Analysis, checkpoints (the README explains both)
+    --metrics-frequency N logs common/metrics.py's analysis metrics (dormant and dead neurons, srank, norms, gradient
+    covariance) on one fixed batch every N steps. --checkpoint-frequency N writes everything the run needs to go on
+    every N steps (runs/.../checkpoint.pkl, atomically); --resume RUN_DIR continues it bit-identically on CPU. A
+    non-finite loss stops the run after checkpointing the last good train state.
+
 Examples (the README explains both)
     python miqn_pruned.py --env-id CartPole-v1 --network mlp --sparsity 0.9 ...   # a 2-minute CPU run
     python miqn_pruned.py --env-id ALE/Pong-v5 --width-scale 3                     # the paper's setting, a GPU job
@@ -51,7 +57,7 @@ import pickle
 import sys
 import time
 from collections import deque
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, get_args, get_origin
 
 import ale_py
 import flax.linen as nn
@@ -192,7 +198,11 @@ def check_args(args: Args) -> None:
     """Raises ArgsError naming the first invalid field (or combination of fields): the run's fields (run_checks), the
     network width, sparse training's fields (pruning_checks), the analysis metrics' (analysis_checks), checkpointing
     and resuming (checkpoint_checks), then the algorithm's own (algorithm_checks)."""
-    checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}")]
+    checks = run_checks(args) + [(args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}"),
+                                 (args.exp_name not in ("", ".", "..") and "/" not in args.exp_name, f"--exp-name must be a name, not {args.exp_name!r}")]
+    for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
+        choices = get_args(field.type) if get_origin(field.type) is Literal else ()
+        checks.append((not choices or getattr(args, field.name) in choices, f"--{field.name.replace('_', '-')} must be one of {choices}"))
     for ok, message in checks + pruning_checks(args) + analysis_checks(args) + checkpoint_checks(args) + algorithm_checks(args):
         if not ok:
             raise ArgsError(message)
@@ -267,23 +277,30 @@ class AtariEnv:
             self.ale.setInt("random_seed", seed % 2**31)
             self.ale.loadROM(self.rom)
         self.ale.reset_game()
-        self.steps = 0
+        self.steps, self.start_state, self.episode_actions = 0, self.ale.cloneState(include_rng=True), []
         self.ale.getScreenGrayscale(self.screens[0])
         self.screens[1].fill(0)
         return self._observation(), {}
 
     def __getstate__(self) -> dict:
-        """Pickling (checkpoints): the emulator's whole state, its random generator (sticky actions) included."""
-        return {**self.__dict__, "ale": self.ale.cloneState(include_rng=True)}
+        """Pickling (checkpoints). ALE's cloned state leaves out the last action, which sticky actions repeat, so the
+        episode so far is kept instead: its start state (random generator included) and its actions."""
+        return {name: value for name, value in self.__dict__.items() if name != "ale"}
 
     def __setstate__(self, state: dict) -> None:
+        """Unpickling: a new emulator replays the episode's actions from its start state."""
         self.__dict__.update(state)
         self.ale = ale_py.ALEInterface()
         self.ale.setFloat("repeat_action_probability", self.sticky)
         self.ale.loadROM(self.rom)
-        self.ale.restoreState(state["ale"])
+        self.ale.restoreState(self.start_state)
+        actions, self.episode_actions, self.steps = self.episode_actions, [], 0
+        for action in actions:
+            self.step(action)
+        self.screens = state["screens"]
 
     def step(self, action: int):
+        self.episode_actions.append(action)
         reward = 0.0
         for t in range(self.frame_skip):
             reward += self.ale.act(self.actions[action])
@@ -1230,6 +1247,28 @@ def checkpoint_checks(args: Args) -> list:
     return checks
 
 
+def object_state(obj) -> dict:
+    """The attributes of one of this script's objects (a replay buffer, an AtariEnv) as plain data, nested objects of
+    the script (a sum tree) as dicts too: a checkpoint never names the script's classes, which do not unpickle
+    where the script is not __main__."""
+    own = type(obj).__module__
+    state = obj.__getstate__() if isinstance(obj, AtariEnv) else vars(obj)
+    return {name: object_state(value) if type(value).__module__ == own and hasattr(value, "__dict__") else value for name, value in state.items()}
+
+
+def restore_object(obj, state: dict) -> None:
+    """Puts object_state(...) back into an object of the same class, in place."""
+    if isinstance(obj, AtariEnv):
+        obj.__setstate__(state)
+        return
+    for name, value in state.items():
+        current = getattr(obj, name, None)
+        if isinstance(value, dict) and type(current).__module__ == type(obj).__module__ and hasattr(current, "__dict__"):
+            restore_object(current, value)
+        else:
+            setattr(obj, name, value)
+
+
 def host_leaves(state) -> list:
     """The leaves of a train state as NumPy arrays (random keys as their key data)."""
     return [np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf) for leaf in jax.tree.leaves(state)]
@@ -1342,11 +1381,16 @@ def train_online(args: Args, env, is_atari: bool, state: TrainState, targets, rb
     if saved is not None:  # go on exactly where the checkpoint was written
         state = restore_leaves(state, saved["train_state"])
         rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
-        env, obs_frame, frames = saved["env"], saved["obs_frame"], deque(saved["frames"], maxlen=stack)
+        if is_atari:
+            restore_object(env, saved["env"])
+        else:
+            env = saved["env"]
+        obs_frame, frames = saved["obs_frame"], deque(saved["frames"], maxlen=stack)
         start, grad_step, episode_return, episode_length = saved["global_step"], saved["grad_step"], saved["episode_return"], saved["episode_length"]
-        update_metrics, metrics_batch, logger.returns, logger.window_start = saved["update_metrics"], saved["metrics_batch"], saved["returns"], start
+        update_metrics, logger.returns, logger.window_start = saved["update_metrics"], saved["returns"], start
+        metrics_batch = None if saved["metrics_batch"] is None else Batch(*saved["metrics_batch"])
         if saved["replay"] is not None:
-            rb.__dict__.update(saved["replay"].__dict__)
+            restore_object(rb, saved["replay"])
         else:  # refill the buffer before learning again
             learning_starts = start + args.learning_starts
         if dataset is not None:
@@ -1356,10 +1400,11 @@ def train_online(args: Args, env, is_atari: bool, state: TrainState, targets, rb
     def checkpoint(global_step: int, train_state: TrainState, grad_steps: int):  # everything the loop needs after `global_step`
         return save_checkpoint(run_dir, writer, {
             "logged_step": global_step, "global_step": global_step + 1, "grad_step": grad_steps, "train_state": host_leaves(train_state),
-            "rng": rng.bit_generator.state, "metrics_rng": metrics_rng.bit_generator.state, "env": env, "obs_frame": obs_frame,
-            "frames": list(frames), "episode_return": episode_return, "episode_length": episode_length,
-            "update_metrics": jax.device_get(update_metrics), "metrics_batch": metrics_batch, "returns": logger.returns,
-            "replay": rb if args.checkpoint_replay else None, "dataset": dataset.checkpoint() if dataset is not None else None})
+            "rng": rng.bit_generator.state, "metrics_rng": metrics_rng.bit_generator.state, "env": object_state(env) if is_atari else env,
+            "obs_frame": obs_frame, "frames": list(frames), "episode_return": episode_return, "episode_length": episode_length,
+            "update_metrics": jax.device_get(update_metrics), "metrics_batch": None if metrics_batch is None else tuple(metrics_batch),
+            "returns": logger.returns, "replay": object_state(rb) if args.checkpoint_replay else None,
+            "dataset": dataset.checkpoint() if dataset is not None else None})
 
     last_good = state  # the train state before the last update whose loss was finite
     try:

@@ -1,6 +1,7 @@
 """Every agent script through its real command line: --help, tiny runs for every pruning method, bad inputs."""
 import dataclasses
 import glob
+import json
 import os
 
 import jax
@@ -106,6 +107,24 @@ BAD_INPUTS = [
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--buffer-size", "4", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (4) must be >= frame stack + n-step (5)"),
     (["--save-replay-dir", "full"], "--save-replay-dir full already holds replay checkpoints; choose a new directory"),
+    (["--env-id", "CartPol-v1"], "Did you mean: `CartPole`?"),  # close matches of an unknown id
+    (["--learning-starts", "16", "--batch-size", "32"], "--learning-starts (16) must be >= --batch-size (32)"),
+    (["--prune-frequency-grad-steps", "0"], "--prune-frequency-grad-steps must be > 0"),
+    (["--drop-fraction", "1.5"], "--drop-fraction must be in [0, 1]"),
+    (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
+    (["--start-e", "0.1", "--end-e", "0.5"], "need 0 <= --end-e <= --start-e <= 1"),
+    (["--train-frequency", "0"], "--train-frequency must be > 0"),
+    (["--target-network-frequency", "0"], "--target-network-frequency must be > 0"),
+    (["--log-frequency", "0"], "--log-frequency must be > 0"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0"),
+    (["--n-step", "0"], "--n-step must be >= 1"),
+    (["--exp-name", "a/b"], "--exp-name must be a name, not 'a/b'"),
+    (["--metrics-frequency", "-1"], "--metrics-frequency must be >= 0 (0: off)"),
+    (["--metrics-grad-samples", "300"], "--metrics-grad-samples must be in [1, --metrics-batch-size (256)], got 300"),
+    (["--checkpoint-frequency", "-5"], "--checkpoint-frequency must be >= 0 (0: off)"),
+    (["--resume", "nowhere"], "--resume nowhere: cannot read its config.json"),
+    (["--resume", "other_run"], "cannot resume other_run with other flags: --network 'cnn' in the run, 'resnet' now"),
+    (["--resume", "no_checkpoint"], "--resume no_checkpoint: it has no checkpoint.pkl"),
 ]
 
 
@@ -130,11 +149,20 @@ CASES = ([("dqn_pruned.py", *case) for case in BAD_INPUTS] + [("rainbow_pruned.p
 def test_bad_input_fails_cleanly(tmp_path, script, flags, message):
     os.makedirs(tmp_path / "full")
     open(tmp_path / "full" / "add_count_ckpt.0.gz", "wb").close()  # a directory that already holds a dataset
+    if "--resume" in flags:  # run directories to resume: one of another run (its network differs), one never checkpointed
+        module = SCRIPTS[script][0]
+        for name, network in (("other_run", "cnn"), ("no_checkpoint", "resnet")):
+            os.makedirs(tmp_path / name)
+            with open(tmp_path / name / "config.json", "w") as f:
+                json.dump(dataclasses.asdict(module.Args(network=network)), f)
+        flags = [*flags, "--network", "resnet"] if flags[1] == "other_run" else flags
+        open(tmp_path / "other_run" / "checkpoint.pkl", "wb").close()
     result = run_script(script, *flags, cwd=str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: '):]}"]  # one line
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing written
+    assert sorted(os.listdir(tmp_path)) == sorted(["full"] + (["other_run", "no_checkpoint"] if "--resume" in flags else []))
 
 
 def readme_flag_rows(script: str) -> str:

@@ -1,0 +1,240 @@
+"""Checkpoints and resume: a run killed with SIGKILL at a random moment and resumed ends bit-identical to an
+uninterrupted run (params, every logged scalar but SPS, the offline dataset it writes); an interrupted checkpoint write
+never replaces the good one; a non-finite loss stops the run with a resumable checkpoint; incompatible flags are refused."""
+import dataclasses
+import glob
+import gzip
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+import cql_pruned as cql
+import dqn_pruned as dqn
+from conftest import ROOT, read_scalars, run_script
+
+CARTPOLE = ["--env-id", "CartPole-v1", "--network", "mlp", "--total-timesteps", "3000", "--learning-starts", "300",
+            "--buffer-size", "3000", "--train-frequency", "1", "--target-network-frequency", "200", "--batch-size", "32",
+            "--learning-rate", "1e-3", "--exploration-steps", "1500", "--sparsity", "0.9", "--prune-frequency-grad-steps", "100",
+            "--log-frequency", "250", "--checkpoint-frequency", "500", "--metrics-frequency", "1000", "--metrics-batch-size", "32",
+            "--metrics-grad-samples", "8", "--save-model", "--exp-name", "run"]
+FEWER_QUANTILES = ["--num-tau-samples", "8", "--num-tau-prime-samples", "8", "--num-quantile-samples", "4"]
+
+
+def kill_after_first_checkpoint(command: list, cwd: str, delay: float) -> str:
+    """Starts `command`, waits for its first checkpoint, lets it run `delay` seconds more and SIGKILLs it (it must still
+    be running). Returns the run directory."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pkl")):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(delay)
+    assert process.poll() is None, "the run ended before it could be killed: make it longer"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", "*"))
+    return run_dir
+
+
+def same_runs(reference: str, resumed: str, model: str) -> None:
+    """Bit-identical final params and masks, and the same logged scalars (every tag but SPS: steps and values), no
+    step logged twice."""
+    with open(os.path.join(reference, model), "rb") as f:
+        expected = serialization.msgpack_restore(f.read())
+    with open(os.path.join(resumed, model), "rb") as f:
+        got = serialization.msgpack_restore(f.read())
+    assert jax.tree.structure(expected) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    scalars_expected, scalars_got = read_scalars(reference), read_scalars(resumed)
+    assert set(scalars_expected) == set(scalars_got)
+    for tag in scalars_expected:
+        if tag != "charts/SPS":
+            assert scalars_got[tag] == scalars_expected[tag], tag
+    returns = scalars_got.get("charts/episodic_return") or scalars_got["charts/eval_return"]
+    steps = [step for step, _ in returns]
+    assert len(returns) > 5 and steps == sorted(set(steps))  # no duplicate step
+
+
+def dataset_arrays(directory: str) -> dict:
+    """{file name: decompressed array} of a --save-replay-dir directory."""
+    arrays = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.gz"))):
+        with gzip.open(path) as f:
+            arrays[os.path.basename(path)] = np.load(io.BytesIO(f.read()))
+    return arrays
+
+
+ONLINE = [("dqn_pruned.py", "gmp"), ("dqn_pruned.py", "rigl"), ("dqn_pruned.py", "set"), ("dqn_pruned.py", "static"),
+          ("dqn_pruned.py", "none"), ("rainbow_pruned.py", "gmp"), ("iqn_pruned.py", "rigl"), ("miqn_pruned.py", "static")]
+
+
+@pytest.mark.parametrize("script, method", ONLINE)
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, script, method):
+    flags = [*CARTPOLE, "--pruning-method", method] + (FEWER_QUANTILES + ["--train-frequency", "2"] if "iqn" in script else [])
+    if method == "gmp":  # the offline dataset it writes resumes too
+        flags += ["--save-replay-dir", "data", "--save-replay-checkpoint-size", "900"]
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "killed").mkdir()
+    result = run_script(script, *flags, cwd=str(tmp_path / "reference"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (reference,) = glob.glob(str(tmp_path / "reference" / "runs" / "*"))
+
+    delay = float(np.random.default_rng(sum(map(ord, script + method))).uniform(0.0, 1.0))  # an arbitrary moment
+    run_dir = kill_after_first_checkpoint([sys.executable, os.path.join(ROOT, script), *flags], str(tmp_path / "killed"), delay)
+    assert not os.path.exists(os.path.join(run_dir, "run.msgpack"))  # it did not finish
+    result = run_script(script, "--resume", run_dir, cwd=str(tmp_path / "killed"))  # the run's own flags, from its config.json
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {run_dir} at env step" in result.stdout
+    same_runs(reference, run_dir, "run.msgpack")
+    if method == "gmp":
+        expected, got = dataset_arrays(str(tmp_path / "reference" / "data")), dataset_arrays(str(tmp_path / "killed" / "data"))
+        assert list(got) == list(expected) and len(expected) == 4 * 7  # checkpoints 0-3, 7 arrays each
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def write_cartpole_dataset(directory: str) -> None:
+    rng = np.random.default_rng(0)
+    writer = dqn.DatasetWriter(directory, 5000, (4,), np.float32, 1, 1)
+    frame = rng.normal(size=4).astype(np.float32)
+    for _ in range(3000):
+        next_frame = rng.normal(size=4).astype(np.float32)
+        writer.add(frame, int(rng.integers(2)), float(rng.random() < 0.9), bool(rng.random() < 0.05), False, next_frame)
+        frame = next_frame
+    writer.close()
+
+
+def test_killed_and_resumed_offline_run_is_bit_identical(tmp_path):
+    write_cartpole_dataset(str(tmp_path / "data"))
+    flags = ["--env-id", "CartPole-v1", "--network", "mlp", "--dataset-dir", str(tmp_path / "data"), "--num-checkpoints", "1",
+             "--transitions-per-checkpoint", "5000", "--num-iterations", "6", "--grad-steps-per-iteration", "800",
+             "--eval-steps", "100", "--sparsity", "0.9", "--prune-frequency-grad-steps", "100", "--log-frequency", "200",
+             "--checkpoint-frequency", "500", "--metrics-frequency", "1600", "--metrics-batch-size", "32",
+             "--metrics-grad-samples", "8", "--save-model", "--exp-name", "run", "--c51"]
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "killed").mkdir()
+    result = run_script("cql_pruned.py", *flags, cwd=str(tmp_path / "reference"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (reference,) = glob.glob(str(tmp_path / "reference" / "runs" / "*"))
+    run_dir = kill_after_first_checkpoint([sys.executable, os.path.join(ROOT, "cql_pruned.py"), *flags], str(tmp_path / "killed"), 0.7)
+    result = run_script("cql_pruned.py", "--resume", run_dir, cwd=str(tmp_path / "killed"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {run_dir} at gradient step" in result.stdout
+    same_runs(reference, run_dir, "run.msgpack")
+
+
+def small_args(**changes) -> dqn.Args:
+    flags = dict(env_id="CartPole-v1", network="mlp", total_timesteps=1500, learning_starts=200, buffer_size=2000, train_frequency=1,
+                 batch_size=16, sparsity=0.8, prune_frequency_grad_steps=50, log_frequency=100, checkpoint_frequency=500,
+                 save_model=True, exp_name="small")
+    return dataclasses.replace(dqn.Args(**flags), **changes)
+
+
+def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
+    """The second checkpoint's write dies half way (its temporary file holds half a pickle): checkpoint.pkl is still
+    the first, whole; resuming from it ends where an uninterrupted run ends."""
+    for name in ("reference", "interrupted"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "reference")
+    reference = dqn.main(small_args())["run_dir"]
+
+    real_dump, calls = pickle.dump, []
+
+    def dump_dying_at_second_write(payload, f, protocol=None):
+        calls.append(payload["global_step"])
+        if len(calls) == 2:
+            data = pickle.dumps(payload, protocol=protocol)
+            f.write(data[: len(data) // 2])
+            f.flush()
+            raise KeyboardInterrupt  # the process dies here
+        real_dump(payload, f, protocol=protocol)
+
+    monkeypatch.chdir(tmp_path / "interrupted")
+    monkeypatch.setattr(dqn.pickle, "dump", dump_dying_at_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        dqn.main(small_args())
+    monkeypatch.setattr(dqn.pickle, "dump", real_dump)
+    (run_dir,) = glob.glob(str(tmp_path / "interrupted" / "runs" / "*"))
+    assert calls == [500, 1000]
+    assert os.path.getsize(os.path.join(run_dir, "checkpoint.pkl.tmp")) > 0  # the half-written one
+    assert dqn.load_checkpoint(run_dir)["global_step"] == 500  # the good one, intact
+
+    assert dqn.main(small_args(resume=run_dir))["run_dir"] == run_dir  # the same directory, appended to
+    same_runs(str(tmp_path / "reference" / reference), run_dir, "small.msgpack")
+
+
+def test_non_finite_loss_stops_with_a_resumable_checkpoint(tmp_path):
+    flags = ["--env-id", "CartPole-v1", "--network", "mlp", "--total-timesteps", "600", "--learning-starts", "100",
+             "--batch-size", "16", "--buffer-size", "1000", "--train-frequency", "1", "--learning-rate", "1e30", "--exp-name", "nan"]
+    result = run_script("dqn_pruned.py", *flags, cwd=str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite loss at env step ") and "Traceback" not in result.stderr
+    env_step, grad_step = (int(lines[0].split(" env step ")[1].split(",")[0]), int(lines[0].split(" gradient step ")[1].split(";")[0]))
+    assert env_step == 100 + grad_step  # a gradient step every env step from step 100
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    saved = dqn.load_checkpoint(run_dir)
+    assert f"(gradient step {saved['grad_step']})" in lines[0] and saved["grad_step"] == max(grad_step - 1, 0)
+    assert all(np.isfinite(leaf).all() for leaf in saved["train_state"] if leaf.dtype.kind == "f")  # the last good state
+    assert saved["global_step"] == env_step + 1
+    # resumable, here with a sane learning rate (a flag a resumed run may change)
+    result = run_script("dqn_pruned.py", "--resume", run_dir, "--learning-rate", "1e-3", "--save-model", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {run_dir} at env step {env_step + 1}, gradient step {saved['grad_step']}" in result.stdout
+    assert os.path.exists(os.path.join(run_dir, "nan.msgpack"))
+
+
+def test_resume_refuses_other_flags_and_names_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = dqn.main(small_args(total_timesteps=600))["run_dir"]
+    with pytest.raises(dqn.ArgsError, match=r"cannot resume .* with other flags: --network 'mlp' in the run, 'cnn' now; "
+                                            r"--pruning-method 'gmp' in the run, 'rigl' now; --sparsity 0.8 in the run, 0.95 now$"):
+        dqn.check_args(small_args(total_timesteps=600, resume=run_dir, network="cnn", sparsity=0.95, pruning_method="rigl"))
+    dqn.check_args(small_args(total_timesteps=600, resume=run_dir, learning_rate=1e-4, log_frequency=7))  # these may change
+    defaults = dqn.resume_defaults(["--resume", run_dir])
+    assert defaults == small_args(total_timesteps=600)  # the CLI's defaults are the run's flags
+    result = run_script("dqn_pruned.py", "--resume", run_dir, "--width-scale", "2", cwd=str(tmp_path))
+    assert result.returncode == 2 and "--width-scale 1 in the run, 2 now" in result.stderr
+
+
+def test_trim_events_drops_later_steps_and_a_cut_record(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(10):
+        writer.add_scalar("x", float(step), step)
+    writer.close()
+    (path,) = glob.glob(str(tmp_path / "*tfevents*"))
+    with open(path, "ab") as f:
+        f.write(b"\x10\x00\x00")  # a record cut short by a kill
+    dqn.trim_events(str(tmp_path), 6)
+    assert read_scalars(str(tmp_path))["x"] == [(step, float(step)) for step in range(7)]
+
+
+def test_atari_env_pickles_with_its_emulator_state():
+    """A pickled AtariEnv goes on exactly as the original does: the emulator, its random generator and the last
+    action that sticky actions repeat (which ALE's own cloned state leaves out: a paddle move just before the copy
+    made the two diverge)."""
+    rng = np.random.default_rng(0)
+    for steps, last in ((29, 2), (31, 3), (120, 4)):
+        env = dqn.AtariEnv("pong")
+        env.reset(seed=3)
+        for _ in range(steps):
+            env.step(int(rng.integers(6)))
+        env.step(last)  # a move
+        copy = pickle.loads(pickle.dumps(env))
+        for t in range(100):
+            a, b = env.step(t % 6), copy.step(t % 6)
+            np.testing.assert_array_equal(a[0], b[0])
+            assert a[1:4] == b[1:4]
