@@ -8,11 +8,18 @@ train_online is wrapped, so every piece measured is the script's own: env, buffe
     sample     a replay batch drawn and its frame stacks rebuilt (host work inside learn), batches/s
     learn      one gradient step: a replay batch sampled and the jitted update (Rainbow: and its priorities written
                back), steps/s
+    mask       the extra time of a gradient step that also updates the masks (gmp: top-k of every layer; rigl/set:
+               drop and regrow), ms
     bound      the loop's bound from the above: 1 / (1/env + 1/store + 1/act + 1/(learn * train_frequency)) env steps/s
     loop       the real loop's SPS after learning starts (the first --warmup-steps left out), with acting greedy
                (epsilon 0.01) as late in a run
-and the wall-clock ratio of each method's loop to dense (none). Every jitted function is compiled before it is timed
-(also the mask-update step). The 10M-env-step projection is the paper's run (40M frames) at the loop's SPS.
+    paper      the loop's SPS with its mask updates at the paper's rate instead of this short run's: a short run's
+               pruning window (20%-80% of its gradient steps, plus the update forced at its end) packs them several
+               times denser than a 10M-step run (GMP: 1,501 in 2,495,000 gradient steps), so the measured mask time of
+               the timed window's updates is swapped for the paper's rate times its gradient steps
+and the wall-clock ratio of each method's paper-rate loop to dense (none), the median over --repeats runs of each
+method, interleaved, the order rotated each time (none, gmp, ..., static; gmp, ..., static, none; ...). Every jitted function is compiled before it is timed (also the
+mask-update step). The 10M-env-step projection is the paper's run (40M frames) at the paper-rate SPS.
 """
 import argparse
 import dataclasses
@@ -58,7 +65,8 @@ def measure_pieces(module, args, env, is_atari, state, targets, rb, rng, learn, 
     # compile the update, with and without a mask update, on a throwaway copy of the train state
     t_start, t_end, _ = module.prune_window(args)
     counts = module.mask_update_counts(args.pruning_method, state.masks, targets, t_start, t_start, t_end, args.drop_fraction)
-    jax.block_until_ready(learn(state, counts if args.pruning_method in ("gmp", "rigl", "set") else None))
+    for step_counts in ((counts, None) if args.pruning_method in ("gmp", "rigl", "set") else (None,)):
+        jax.block_until_ready(learn(state, step_counts))
     pieces["sample"] = rate(lambda: rb.sample(rng, args.batch_size), calls)
     current = [state]
 
@@ -67,45 +75,69 @@ def measure_pieces(module, args, env, is_atari, state, targets, rb, rng, learn, 
         return current[0]
 
     pieces["learn"] = rate(gradient_step, calls)
+    pieces["mask"] = 0.0
+    if args.pruning_method in ("gmp", "rigl", "set"):  # the same steps again with mask updates (at the window's start)
+        with_mask = rate(lambda: learn(current[0], counts)[0], max(calls // 20, 3))
+        pieces["mask"] = max(1000 / with_mask - 1000 / rate(lambda: learn(current[0], None)[0], max(calls // 20, 3)), 0.0)
     return pieces
 
 
-def benchmark(script: str, flags: dict, methods: list, loop_steps: int, warmup_steps: int, calls: int) -> list:
-    """One row per method: the pieces' rates, the bound, the loop's SPS."""
+def mask_updates(module, args, grad_steps) -> int:
+    """Mask updates among gradient steps `grad_steps` (a range) of a run with these args."""
+    t_start, t_end, frequency = module.prune_window(args)
+    return sum(module.is_mask_update_step(args.pruning_method, c, t_start, t_end, frequency) for c in grad_steps)
+
+
+def paper_rate(module, args) -> float:
+    """Mask updates per gradient step in the paper's run (10M env steps, 20k learning starts, a step every 4)."""
+    paper = dataclasses.replace(args, total_timesteps=10_000_000, learning_starts=20_000, train_frequency=4)
+    total = module.num_grad_steps(paper.total_timesteps, paper.learning_starts, paper.train_frequency)
+    t_start, t_end, frequency = module.prune_window(paper)
+    count = len(range(t_start, t_end + 1, frequency)) + ((t_end - t_start) % frequency != 0)
+    return count / total if args.pruning_method in ("gmp", "rigl", "set") else 0.0
+
+
+def benchmark(script: str, flags: dict, methods: list, loop_steps: int, warmup_steps: int, calls: int, repeats: int) -> list:
+    """One row per method: the median over `repeats` interleaved runs of the pieces' rates, the bound and the loop's SPS."""
     module = importlib.import_module(os.path.basename(script)[: -len(".py")])
     real_train_online = module.train_online
-    rows = []
+    runs = {method: [] for method in methods}
     workdir = tempfile.mkdtemp(prefix="throughput_")
     cwd = os.getcwd()
     os.chdir(workdir)  # run directories go to a scratch directory
     try:
-        for method in methods:
-            args = module.Args(**{**flags, "pruning_method": method, "exp_name": f"bench_{method}",
-                                  "total_timesteps": flags["learning_starts"] + warmup_steps + loop_steps,
-                                  "log_frequency": warmup_steps, "start_e": 0.01, "end_e": 0.01})
-            row = {"method": method}
+        for repeat in range(repeats):
+            for method in methods[repeat % len(methods):] + methods[: repeat % len(methods)]:  # a new order each time
+                args = module.Args(**{**flags, "pruning_method": method, "exp_name": f"bench_{method}",
+                                      "total_timesteps": flags["learning_starts"] + warmup_steps + loop_steps,
+                                      "log_frequency": warmup_steps, "start_e": 0.01, "end_e": 0.01})
+                row = {"method": method}
 
-            def measured_train_online(args, env, is_atari, state, targets, rb, rng, learn, greedy_action, analysis):
-                row.update(measure_pieces(module, args, env, is_atari, state, targets, rb, rng, learn, greedy_action, calls))
-                start = time.perf_counter()
-                result = real_train_online(args, env, is_atari, state, targets, rb, rng, learn, greedy_action, analysis)
-                row["run_seconds"] = time.perf_counter() - start
-                return result
+                def measured_train_online(args, env, is_atari, state, targets, rb, rng, learn, greedy_action, analysis):
+                    row.update(measure_pieces(module, args, env, is_atari, state, targets, rb, rng, learn, greedy_action, calls))
+                    return real_train_online(args, env, is_atari, state, targets, rb, rng, learn, greedy_action, analysis)
 
-            module.train_online = measured_train_online
-            try:
-                result = module.main(args)
-            finally:
-                module.train_online = real_train_online
-            row["loop"] = loop_sps(result["run_dir"], args.learning_starts + warmup_steps)
-            row["bound"] = 1.0 / (1 / row["env"] + 1 / row["store"] + 1 / row["act"] + 1 / (row["learn"] * args.train_frequency))
-            rows.append(row)
+                module.train_online = measured_train_online
+                try:
+                    result = module.main(args)
+                finally:
+                    module.train_online = real_train_online
+                timed_from = args.learning_starts + warmup_steps
+                row["loop"] = loop_sps(result["run_dir"], timed_from)
+                row["bound"] = 1.0 / (1 / row["env"] + 1 / row["store"] + 1 / row["act"] + 1 / (row["learn"] * args.train_frequency))
+                # the timed window's mask updates, swapped for the paper's rate of them
+                first = module.num_grad_steps(timed_from, args.learning_starts, args.train_frequency)
+                last = module.num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency)
+                seconds = loop_steps / row["loop"] + (paper_rate(module, args) * (last - first) - mask_updates(module, args, range(first, last))) * row["mask"] / 1000
+                row["paper"] = loop_steps / seconds
+                runs[method].append(row)
     finally:
         os.chdir(cwd)
-    dense = next((r["loop"] for r in rows if r["method"] == "none"), None)
+    rows = [{"method": method, **{key: float(np.median([r[key] for r in rs])) for key in rs[0] if key != "method"}} for method, rs in runs.items()]
+    dense = next((r["paper"] for r in rows if r["method"] == "none"), None)
     for row in rows:
-        row["vs_dense"] = dense / row["loop"] if dense else float("nan")
-        row["projected_hours"] = 10_000_000 / row["loop"] / 3600
+        row["vs_dense"] = dense / row["paper"] if dense else float("nan")
+        row["projected_hours"] = 10_000_000 / row["paper"] / 3600
     return rows
 
 
@@ -125,18 +157,20 @@ def loop_sps(run_dir: str, after: int) -> float:
 
 def print_table(rows: list, title: str) -> None:
     print(title)
-    print("| method | env steps/s | store/s | act/s | sample/s | learn steps/s | bound SPS | loop SPS | loop / bound | wall-clock vs dense | 10M env steps |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | env steps/s | store/s | act/s | sample/s | learn steps/s | mask update | bound SPS | loop SPS | loop / bound | "
+          "paper-rate SPS | wall-clock vs dense | 10M env steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['env']:,.0f} | {r['store']:,.0f} | {r['act']:,.0f} | {r['sample']:,.0f} | {r['learn']:,.1f} | {r['bound']:,.1f} | "
-              f"{r['loop']:,.1f} | {r['loop'] / r['bound']:.2f} | {r['vs_dense']:.3f} | {r['projected_hours']:.1f} h |")
+        print(f"| {r['method']} | {r['env']:,.0f} | {r['store']:,.0f} | {r['act']:,.0f} | {r['sample']:,.0f} | {r['learn']:,.1f} | "
+              f"{r['mask']:,.0f} ms | {r['bound']:,.1f} | {r['loop']:,.1f} | {r['loop'] / r['bound']:.2f} | {r['paper']:,.1f} | "
+              f"{r['vs_dense']:.3f} | {r['projected_hours']:.1f} h |")
 
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--script", default="dqn_pruned.py", help="an online agent: dqn_pruned.py, rainbow_pruned.py, iqn_pruned.py, miqn_pruned.py")
     parser.add_argument("--env-id", default="ALE/Breakout-v5")
-    parser.add_argument("--network", default="cnn", choices=["resnet", "cnn", "mlp"])
+    parser.add_argument("--network", default="cnn", choices=["resnet", "cnn", "nature", "mlp"], help="the script's --network")
     parser.add_argument("--width-scale", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-frequency", type=int, default=4, help="env steps per gradient step (4: replay ratio 0.25)")
@@ -146,10 +180,13 @@ def main(argv=None) -> list:
     parser.add_argument("--loop-steps", type=int, default=3000, help="loop steps timed")
     parser.add_argument("--calls", type=int, default=200, help="calls timed for act and learn")
     parser.add_argument("--buffer-size", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each method, interleaved; the table shows medians")
     parser.add_argument("--extra", nargs="*", default=[], help="more Args fields as name=value (e.g. num_tau_samples=8)")
     args = parser.parse_args(argv)
-    if args.loop_steps < args.warmup_steps:
-        parser.error("--loop-steps must be >= --warmup-steps (one logged window at least)")
+    if args.loop_steps < args.warmup_steps or args.loop_steps % args.warmup_steps:
+        parser.error("--loop-steps must be a multiple of --warmup-steps (the log window)")
+    if min(args.learning_starts, args.warmup_steps, args.calls, args.repeats) < 1:
+        parser.error("--learning-starts, --warmup-steps, --calls and --repeats must be >= 1")
     flags = {"env_id": args.env_id, "network": args.network, "width_scale": args.width_scale, "batch_size": args.batch_size,
              "train_frequency": args.train_frequency, "learning_starts": args.learning_starts, "buffer_size": args.buffer_size}
     module = importlib.import_module(os.path.basename(args.script)[: -len(".py")])
@@ -157,7 +194,7 @@ def main(argv=None) -> list:
     for item in args.extra:
         name, value = item.split("=", 1)
         flags[name] = int(value) if types[name] is int else float(value) if types[name] is float else value
-    rows = benchmark(args.script, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls)
+    rows = benchmark(args.script, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls, args.repeats)
     print_table(rows, f"{args.script} on {args.env_id}, {args.network} k={args.width_scale}, batch {args.batch_size}, "
                       f"a gradient step every {args.train_frequency} env steps; {jax.devices()[0].device_kind} ({jax.default_backend()})")
     return rows

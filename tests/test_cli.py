@@ -36,7 +36,7 @@ def test_help_lists_every_flag(tmp_path, script):
 
 # every method through DQN's loop on Atari; the other agents share that sparse-training code byte for byte (a test
 # checks it), so their loops run GMP on Atari, and RigL and dense on CartPole's MLP (which compiles in seconds)
-RUNS = [("dqn_pruned.py", method, "cnn") for method in ("gmp", "rigl", "set", "static", "none")] + [("dqn_pruned.py", "gmp", "resnet")]
+RUNS = [("dqn_pruned.py", method, "cnn") for method in ("gmp", "rigl", "set", "none")] + [("dqn_pruned.py", "static", "nature"), ("dqn_pruned.py", "gmp", "resnet")]
 RUNS += [(script, method, "cnn" if method == "gmp" else "mlp") for script in SCRIPTS if script != "dqn_pruned.py" for method in ("gmp", "rigl", "none")]
 
 
