@@ -8,6 +8,7 @@ train_online is wrapped, so every piece measured is the script's own: env, buffe
     sample     a replay batch drawn and its frame stacks rebuilt (host work inside learn), batches/s
     learn      one gradient step: a replay batch sampled and the jitted update (Rainbow: and its priorities written
                back), steps/s
+    update     the update alone: 1 / (1/learn - 1/sample), steps/s
     mask       the extra time of a gradient step that also updates the masks (gmp: top-k of every layer; rigl/set:
                drop and regrow), ms
     bound      the loop's bound from the above: 1 / (1/env + 1/store + 1/act + 1/(learn * train_frequency)) env steps/s
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +126,7 @@ def benchmark(script: str, flags: dict, methods: list, loop_steps: int, warmup_s
                     module.train_online = real_train_online
                 timed_from = args.learning_starts + warmup_steps
                 row["loop"] = loop_sps(result["run_dir"], timed_from)
+                row["update"] = 1.0 / max(1 / row["learn"] - 1 / row["sample"], 1e-9)
                 row["bound"] = 1.0 / (1 / row["env"] + 1 / row["store"] + 1 / row["act"] + 1 / (row["learn"] * args.train_frequency))
                 # the timed window's mask updates, swapped for the paper's rate of them
                 first = module.num_grad_steps(timed_from, args.learning_starts, args.train_frequency)
@@ -133,6 +136,7 @@ def benchmark(script: str, flags: dict, methods: list, loop_steps: int, warmup_s
                 runs[method].append(row)
     finally:
         os.chdir(cwd)
+        shutil.rmtree(workdir, ignore_errors=True)
     rows = [{"method": method, **{key: float(np.median([r[key] for r in rs])) for key in rs[0] if key != "method"}} for method, rs in runs.items()]
     dense = next((r["paper"] for r in rows if r["method"] == "none"), None)
     for row in rows:
@@ -157,11 +161,11 @@ def loop_sps(run_dir: str, after: int) -> float:
 
 def print_table(rows: list, title: str) -> None:
     print(title)
-    print("| method | env steps/s | store/s | act/s | sample/s | learn steps/s | mask update | bound SPS | loop SPS | loop / bound | "
-          "paper-rate SPS | wall-clock vs dense | 10M env steps |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | env steps/s | store/s | act/s | sample/s | learn steps/s | update steps/s | mask update | bound SPS | loop SPS | "
+          "loop / bound | paper-rate SPS | wall-clock vs dense | 10M env steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['env']:,.0f} | {r['store']:,.0f} | {r['act']:,.0f} | {r['sample']:,.0f} | {r['learn']:,.1f} | "
+        print(f"| {r['method']} | {r['env']:,.0f} | {r['store']:,.0f} | {r['act']:,.0f} | {r['sample']:,.0f} | {r['learn']:,.1f} | {r['update']:,.1f} | "
               f"{r['mask']:,.0f} ms | {r['bound']:,.1f} | {r['loop']:,.1f} | {r['loop'] / r['bound']:.2f} | {r['paper']:,.1f} | "
               f"{r['vs_dense']:.3f} | {r['projected_hours']:.1f} h |")
 

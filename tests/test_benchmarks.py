@@ -20,7 +20,7 @@ def test_throughput_prints_one_row_per_method(capsys, tmp_path, monkeypatch):
     assert table[1].startswith("| method | env steps/s |") and [line.split(" | ")[0] for line in table[3:]] == ["| none", "| gmp"]
     assert [row["method"] for row in rows] == ["none", "gmp"]
     for row in rows:
-        for key in ("env", "store", "act", "sample", "learn", "bound", "loop", "paper", "vs_dense"):
+        for key in ("env", "store", "act", "sample", "learn", "update", "bound", "loop", "paper", "vs_dense"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
     assert rows[0]["vs_dense"] == 1.0 and rows[0]["mask"] == 0.0
     assert os.listdir(tmp_path) == []  # its runs went to a scratch directory
