@@ -988,10 +988,10 @@ def make_analysis(q_fn, loss_fn, grad_samples: int):
     return jax.jit(analysis)
 
 
-def by_action(batch: Batch) -> Batch:
-    """The batch reordered by action (stable), so that the gradient covariance heat map shows transitions of the same
-    action side by side."""
-    order = np.argsort(batch.actions, kind="stable")
+def by_action(batch: Batch, first: int) -> Batch:
+    """The batch with its first `first` transitions (those of the gradient covariance, a random subset) reordered by
+    action (stable), so that its heat map shows transitions of the same action side by side."""
+    order = np.concatenate([np.argsort(batch.actions[:first], kind="stable"), np.arange(first, len(batch.actions))])
     return Batch(*(field[order] for field in batch))
 
 
@@ -1118,8 +1118,15 @@ def fsync_directory(path: str) -> None:
 def open_run(args: Args, extra_config: dict, last_logged_step: Optional[int] = None):
     """Creates runs/{env}__{exp_name}__{seed}__{unix time}/ with config.json (every flag, the script's file name and
     `extra_config`; common/plot.py groups runs by it) and returns (run_dir, TensorBoard writer). With --resume, the
-    run's own directory instead, its events logged after `last_logged_step` (its checkpoint's) dropped first."""
-    if args.resume:
+    run's own directory instead: its config.json takes the flags that may change on a resume, and its events logged
+    after `last_logged_step` (its checkpoint's) are dropped."""
+    if args.resume:  # the flags it may change become the run's own, the defaults of a later --resume
+        config = saved_config(args.resume)
+        config.update({name: value for name, value in dataclasses.asdict(args).items() if name in RESUME_MAY_CHANGE and name != "resume"})
+        config.setdefault("resumed_after_step", []).append(last_logged_step)
+        with open(os.path.join(args.resume, "config.json.tmp"), "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(os.path.join(args.resume, "config.json.tmp"), os.path.join(args.resume, "config.json"))
         trim_events(args.resume, last_logged_step)
         return args.resume, open_writer(args.resume)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1171,14 +1178,16 @@ def resume_defaults(argv: list) -> Optional[Args]:
 
 
 def checkpoint_checks(args: Args) -> list:
-    """(ok, message) pairs for the checkpoint flags; a resumed run must have its checkpoint and the run's flags
-    (but RESUME_MAY_CHANGE), every difference listed."""
+    """(ok, message) pairs for the checkpoint flags; a resumed run must be this script's, have its checkpoint and the
+    run's flags (but RESUME_MAY_CHANGE), every difference listed."""
     checks = [(args.checkpoint_frequency >= 0, "--checkpoint-frequency must be >= 0 (0: off)")]
     if args.resume:
         config = saved_config(args.resume)
+        script = config.get("script", os.path.basename(__file__))
         differences = [f"--{name.replace('_', '-')} {config[name]!r} in the run, {value!r} now" for name, value in dataclasses.asdict(args).items()
                        if name in config and name not in RESUME_MAY_CHANGE and config[name] != value]
-        checks += [(not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
+        checks += [(script == os.path.basename(__file__), f"--resume {args.resume}: a run of {script}, not of {os.path.basename(__file__)}"),
+                   (not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
                    (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}")]
     return checks
 
@@ -1256,6 +1265,9 @@ def trim_events(run_dir: str, last_step: int) -> None:
     The records (8-byte length, 4-byte CRC, Event proto, 4-byte CRC) are copied unchanged into a file renamed over."""
     from tensorboard.compat.proto.event_pb2 import Event
 
+    for name in os.listdir(run_dir):
+        if "tfevents" in name and name.endswith(".tmp"):  # a rewrite cut short by a kill: its file is still whole
+            os.remove(os.path.join(run_dir, name))
     for name in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, name)
         if "tfevents" not in name or not os.path.isfile(path):
@@ -1314,8 +1326,9 @@ def train_online(args: Args, env, is_atari: bool, state: TrainState, targets, rb
     frames = deque([np.zeros_like(obs_frame)] * (stack - 1) + [obs_frame], maxlen=stack)  # zero-filled at episode start
     start, grad_step, episode_return, episode_length, update_metrics, metrics_batch = 0, 0, 0.0, 0, None, None
     learning_starts = args.learning_starts
+    last_good = state  # the train state before the last update whose loss was finite
     if saved is not None:  # go on exactly where the checkpoint was written
-        state = restore_leaves(state, saved["train_state"])
+        state, last_good = restore_leaves(state, saved["train_state"]), restore_leaves(state, saved["last_good"])
         rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
         if is_atari:
             restore_object(env, saved["env"])
@@ -1336,13 +1349,13 @@ def train_online(args: Args, env, is_atari: bool, state: TrainState, targets, rb
     def checkpoint(global_step: int, train_state: TrainState, grad_steps: int):  # everything the loop needs after `global_step`
         return save_checkpoint(run_dir, writer, {
             "logged_step": global_step, "global_step": global_step + 1, "grad_step": grad_steps, "train_state": host_leaves(train_state),
+            "last_good": host_leaves(last_good),
             "rng": rng.bit_generator.state, "metrics_rng": metrics_rng.bit_generator.state, "env": object_state(env) if is_atari else env,
             "obs_frame": obs_frame, "frames": list(frames), "episode_return": episode_return, "episode_length": episode_length,
             "update_metrics": jax.device_get(update_metrics), "metrics_batch": None if metrics_batch is None else tuple(metrics_batch),
             "returns": logger.returns, "replay": object_state(rb) if args.checkpoint_replay else None,
             "dataset": dataset.checkpoint() if dataset is not None else None})
 
-    last_good = state  # the train state before the last update whose loss was finite
     try:
         for global_step in range(start, args.total_timesteps):
             # act: epsilon-greedy on the stacked observation
@@ -1387,7 +1400,7 @@ def train_online(args: Args, env, is_atari: bool, state: TrainState, targets, rb
             logger.step(global_step, epsilon, grad_step, state.params, update_metrics)
             if args.metrics_frequency and global_step >= learning_starts and (global_step + 1) % args.metrics_frequency == 0:
                 if metrics_batch is None:
-                    metrics_batch = by_action(rb.sample_slots(metrics_rng, args.metrics_batch_size)[0])  # drawn once, then fixed
+                    metrics_batch = by_action(rb.sample_slots(metrics_rng, args.metrics_batch_size)[0], args.metrics_grad_samples)  # drawn once, then fixed
                 write_analysis(writer, analysis(state.params, state.target_params, state.masks, metrics_batch, metrics_key), global_step)
             if args.checkpoint_frequency and (global_step + 1) % args.checkpoint_frequency == 0:
                 writer = logger.writer = checkpoint(global_step, state, grad_step)

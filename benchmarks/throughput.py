@@ -8,7 +8,8 @@ train_online is wrapped, so every piece measured is the script's own: env, buffe
     sample     a replay batch drawn and its frame stacks rebuilt (host work inside learn), batches/s
     learn      one gradient step: a replay batch sampled and the jitted update (Rainbow: and its priorities written
                back), steps/s
-    update     the update alone: 1 / (1/learn - 1/sample), steps/s
+    update     the rest of a gradient step: 1 / (1/learn - 1/sample), steps/s (the jitted update; in Rainbow also the
+               priorities written back)
     mask       the extra time of a gradient step that also updates the masks (gmp: top-k of every layer; rigl/set:
                drop and regrow), ms
     bound      the loop's bound from the above: 1 / (1/env + 1/store + 1/act + 1/(learn * train_frequency)) env steps/s
@@ -23,6 +24,7 @@ method, interleaved, the order rotated each time (none, gmp, ..., static; gmp, .
 mask-update step). The 10M-env-step projection is the paper's run (40M frames) at the paper-rate SPS.
 """
 import argparse
+import ast
 import dataclasses
 import importlib
 import os
@@ -185,7 +187,7 @@ def main(argv=None) -> list:
     parser.add_argument("--calls", type=int, default=200, help="calls timed for act and learn")
     parser.add_argument("--buffer-size", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method, interleaved; the table shows medians")
-    parser.add_argument("--extra", nargs="*", default=[], help="more Args fields as name=value (e.g. num_tau_samples=8)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more Args fields as name=value (e.g. num_tau_samples=8 use_bias=False)")
     args = parser.parse_args(argv)
     if args.loop_steps < args.warmup_steps or args.loop_steps % args.warmup_steps:
         parser.error("--loop-steps must be a multiple of --warmup-steps (the log window)")
@@ -194,10 +196,16 @@ def main(argv=None) -> list:
     flags = {"env_id": args.env_id, "network": args.network, "width_scale": args.width_scale, "batch_size": args.batch_size,
              "train_frequency": args.train_frequency, "learning_starts": args.learning_starts, "buffer_size": args.buffer_size}
     module = importlib.import_module(os.path.basename(args.script)[: -len(".py")])
-    types = {f.name: f.type for f in dataclasses.fields(module.Args)}
+    names = {f.name for f in dataclasses.fields(module.Args)}
     for item in args.extra:
-        name, value = item.split("=", 1)
-        flags[name] = int(value) if types[name] is int else float(value) if types[name] is float else value
+        name, _, value = item.partition("=")
+        if name not in names:
+            parser.error(f"--extra {item}: {args.script} has no field {name!r}")
+        try:
+            flags[name] = ast.literal_eval(value)  # numbers, True/False, None
+        except (ValueError, SyntaxError):
+            flags[name] = value  # a string
+
     rows = benchmark(args.script, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls, args.repeats)
     print_table(rows, f"{args.script} on {args.env_id}, {args.network} k={args.width_scale}, batch {args.batch_size}, "
                       f"a gradient step every {args.train_frequency} env steps; {jax.devices()[0].device_kind} ({jax.default_backend()})")

@@ -1,8 +1,8 @@
 """From runs/ to the paper's figures: python -m common.plot RUNS_DIR --out FIGURES_DIR
 
 Reads every run directory below RUNS_DIR (a directory with a config.json, as every *_pruned.py writes), groups the
-runs by what their config says (script, env, pruning method, sparsity, width, seed; never by parsing names), and
-writes to FIGURES_DIR:
+runs by what their config says (script, with --c51 apart, network, env, pruning method, sparsity, width, seed; never
+by parsing names), and writes to FIGURES_DIR:
     curves_{suite}.png             IQM learning curves with 95% CI bands, one panel per script
     iqm_vs_sparsity_{suite}.png    final IQM against sparsity, one line per (script, method, width); dense at 0
     iqm_vs_width_{suite}.png       final IQM against width, one line per (script, method, sparsity); dense included
@@ -13,7 +13,9 @@ A suite is what is aggregated together: all ALE/{Game}-v5 runs, as human-normali
 DQN Zoo's table), or one classic-control env, as raw returns. A run's score at a point is the mean return over one
 of --points equal slices of the run (the online scripts' training returns, charts/episodic_return; cql_pruned.py's
 evaluation returns, charts/eval_return); its final score is that of the last slice (with --points 40 and the paper's
-10M env steps, the last iteration: "IQM after 40M frames"). Empty slices take the previous slice's value.
+10M env steps, the last iteration: "IQM after 40M frames"). Empty slices take the previous slice's value. Skipped,
+with a line saying why: runs with no return in their last slice (unfinished), a second run of one configuration,
+game and seed, and Atari games without a human score.
 
 Aggregates follow Agarwal et al. (2021) with rliable: IQM over the (runs x games) matrix of scores, 95% CIs from the
 stratified percentile bootstrap (runs resampled within each game; --reps 50,000 as in rliable, --curve-reps for the
@@ -67,11 +69,12 @@ def run_length(config: dict) -> int:
 
 
 def sliced_scores(returns: list, length: int, points: int) -> np.ndarray:
-    """(points,) mean return in each of `points` equal slices of [0, length); an empty slice takes the previous value
-    (the first non-empty one's, for leading empty slices). NaN everywhere if there are no returns."""
+    """(points,) mean return in each of `points` equal slices of the run; `returns` are (steps done when it was
+    logged - 1, return) pairs in [0, length). An empty slice takes the previous value (the first non-empty one's, for
+    leading empty slices). NaN everywhere if there are no returns."""
     sums, counts = np.zeros(points), np.zeros(points)
     for step, value in returns:
-        i = min(int(step * points // max(length, 1)), points - 1)
+        i = min(max(int(step * points // max(length, 1)), 0), points - 1)
         sums[i], counts[i] = sums[i] + value, counts[i] + 1
     scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     filled = np.flatnonzero(counts)
@@ -93,8 +96,14 @@ def load_runs(runs_dir: str, points: int) -> list:
         if not returns:
             print(f"skipped {run_dir}: no returns logged")
             continue
+        if tag == "charts/eval_return":  # logged at the gradient steps done (k * iteration), the online returns at the step's index
+            returns = [(step - 1, value) for step, value in returns]
+        length = run_length(config)
+        if max(step for step, _ in returns) < length * (points - 1) / points:
+            print(f"skipped {run_dir}: unfinished (no return in its last slice)")
+            continue
         game = atari_scores.game_of(config["env_id"])
-        scores = sliced_scores(returns, run_length(config), points)
+        scores = sliced_scores(returns, length, points)
         if game is not None:
             if game not in atari_scores.RANDOM_HUMAN:
                 print(f"skipped {run_dir}: {game} has no human score to normalize by")
@@ -103,14 +112,14 @@ def load_runs(runs_dir: str, points: int) -> list:
         method = config["pruning_method"]
         records.append({
             "run_dir": run_dir, "suite": "atari" if game is not None else config["env_id"], "task": config["env_id"],
-            "script": config.get("script", config["exp_name"]), "pruning_method": method,
-            "sparsity": 0.0 if method == "none" else float(config["sparsity"]), "width": int(config["width_scale"]),
-            "seed": int(config["seed"]), "tag": tag, "length": run_length(config), "scores": scores,
+            "script": config.get("script", config["exp_name"]) + (" --c51" if config.get("c51") else ""), "network": config["network"],
+            "pruning_method": method, "sparsity": 0.0 if method == "none" else float(config["sparsity"]),
+            "width": int(config["width_scale"]), "seed": int(config["seed"]), "tag": tag, "length": length, "scores": scores,
         })
     return records
 
 
-CONFIG_KEYS = ("script", "pruning_method", "sparsity", "width")
+CONFIG_KEYS = ("script", "network", "pruning_method", "sparsity", "width")
 
 
 def score_matrices(records: list) -> dict:
@@ -118,7 +127,11 @@ def score_matrices(records: list) -> dict:
     as every task has), tasks in name order."""
     groups = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        groups[(r["suite"], tuple(r[k] for k in CONFIG_KEYS))][r["task"]][r["seed"]] = r
+        runs = groups[(r["suite"], tuple(r[k] for k in CONFIG_KEYS))][r["task"]]
+        if r["seed"] in runs:
+            print(f"skipped {r['run_dir']}: a second run of {r['task']}, seed {r['seed']}, with the configuration of {runs[r['seed']]['run_dir']}")
+            continue
+        runs[r["seed"]] = r
     matrices = {}
     for key, by_task in groups.items():
         tasks = sorted(by_task)
@@ -146,8 +159,8 @@ def iqm_with_ci(scores: np.ndarray, reps: int, seed: int) -> tuple:
 
 
 def label(config: tuple) -> str:
-    script, method, sparsity, width = config
-    return f"{script} {method}" + ("" if method == "none" else f" {sparsity:g}") + f" k={width}"
+    script, network, method, sparsity, width = config
+    return f"{script} {network} {method}" + ("" if method == "none" else f" {sparsity:g}") + f" k={width}"
 
 
 def suite_name(suite: str) -> str:
@@ -163,7 +176,7 @@ def plot_curves(suite: str, results: dict, points: int, out_dir: str) -> str:
             if config[0] != script:
                 continue
             x = (np.arange(points) + 1) / points * r["length"]
-            ax.plot(x, r["curve"][0], label=label(config)[len(script) + 1:])
+            ax.plot(x, r["curve"][0], label=label(config)[len(script) + 1:])  # the panel names the script
             ax.fill_between(x, r["curve"][1], r["curve"][2], alpha=0.2)
         ax.set_title(script)
         ax.set_xlabel("steps (end of slice)")
@@ -240,6 +253,8 @@ def main(argv=None) -> dict:
     written += [os.path.join(args.out, "aggregates.csv"), os.path.join(args.out, "curves.csv")]
     for suite in sorted({s for s, _ in results}):
         in_suite = {config: r for (s, config), r in results.items() if s == suite}
+        if len({tuple(r["tasks"]) for r in in_suite.values()}) > 1:
+            print(f"warning: the configurations of suite {suite} cover different games; their IQMs are not comparable")
         written.append(plot_curves(suite, in_suite, args.points, args.out))
         written.append(plot_final_against(suite, in_suite, "sparsity", args.out))
         written.append(plot_final_against(suite, in_suite, "width", args.out))

@@ -24,8 +24,8 @@ def fake_run(runs_dir: str, script: str, env_id: str, method: str, sparsity: flo
         writer.add_scalar("charts/episodic_return", value, step)
         writer.add_scalar("charts/SPS", 100.0, step)
     writer.close()
-    config = {"env_id": env_id, "exp_name": "whatever", "script": script, "pruning_method": method, "sparsity": sparsity,
-              "width_scale": width, "seed": seed, "total_timesteps": LENGTH}
+    config = {"env_id": env_id, "exp_name": "whatever", "script": script, "network": "cnn", "pruning_method": method,
+              "sparsity": sparsity, "width_scale": width, "seed": seed, "total_timesteps": LENGTH}
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
 
@@ -66,7 +66,8 @@ def test_plot_command_writes_figures_and_csv_matching_rliable(runs, tmp_path):
             path = out / f"{name}_{suite}.png"
             assert path.stat().st_size > 5000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with open(out / "aggregates.csv") as f:
-        rows = {(r["suite"], r["script"], r["pruning_method"], float(r["sparsity"]), int(r["width"])): r for r in csv.DictReader(f)}
+        rows = {(r["suite"], r["script"], r["pruning_method"], float(r["sparsity"]), int(r["width"])): r for r in csv.DictReader(f)
+                if r["network"] == "cnn"}
     assert len(rows) == 2 * len(CONFIGS)
 
     from rliable import library as rly
@@ -98,6 +99,32 @@ def test_sliced_scores_fill_empty_slices():
     np.testing.assert_allclose(plot.sliced_scores(returns, 1000, 10), [5, 5, 5, 5, 5, 5, 5, 1, 1, 1])
     assert plot.sliced_scores([(1000, 3.0)], 1000, 4)[-1] == 3.0  # the last step belongs to the last slice
     assert np.isnan(plot.sliced_scores([], 1000, 3)).all()
+
+
+def test_offline_evaluations_unfinished_and_repeated_runs(tmp_path, capsys):
+    """cql_pruned.py logs an evaluation at the gradient steps done after each iteration (k * 250 of 1000 here): each
+    lands in its own slice. An unfinished run and a second run of one configuration and seed are left out, saying so."""
+    def offline_run(name: str, evaluations: list) -> None:
+        run_dir = tmp_path / name
+        writer = SummaryWriter(str(run_dir))
+        for step, value in evaluations:
+            writer.add_scalar("charts/eval_return", value, step)
+        writer.close()
+        config = {"env_id": "CartPole-v1", "exp_name": "cql", "script": "cql_pruned.py", "c51": True, "network": "mlp", "pruning_method": "gmp",
+                  "sparsity": 0.9, "width_scale": 1, "seed": 1, "num_iterations": 4, "grad_steps_per_iteration": 250}
+        (run_dir / "config.json").write_text(json.dumps(config))
+
+    offline_run("a", [(250, 10.0), (500, 20.0), (750, 30.0), (1000, 40.0)])
+    offline_run("b", [(250, 99.0), (500, 99.0), (750, 99.0), (1000, 99.0)])  # the same configuration and seed again
+    offline_run("c", [(250, 5.0)])  # unfinished
+    records = plot.load_runs(str(tmp_path), 4)
+    assert [r["run_dir"][-1] for r in records] == ["a", "b"] and records[0]["script"] == "cql_pruned.py --c51"
+    np.testing.assert_allclose(records[0]["scores"], [10, 20, 30, 40])
+    matrices = plot.score_matrices(records)
+    ((scores, tasks, length),) = matrices.values()
+    np.testing.assert_allclose(scores[:, 0, :], [[10, 20, 30, 40]])  # one run: the second was left out
+    out = capsys.readouterr().out
+    assert "unfinished" in out and "a second run of CartPole-v1, seed 1" in out
 
 
 def test_plot_refuses_an_empty_directory(tmp_path):

@@ -168,16 +168,20 @@ def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
     (run_dir,) = glob.glob(str(tmp_path / "interrupted" / "runs" / "*"))
     assert calls == [500, 1000]
     assert os.path.getsize(os.path.join(run_dir, "checkpoint.pkl.tmp")) > 0  # the half-written one
-    assert dqn.load_checkpoint(run_dir)["global_step"] == 500  # the good one, intact
+    saved = dqn.load_checkpoint(run_dir)
+    assert saved["global_step"] == 500  # the good one, intact
+    # it also holds the state before the last update (the last good one, should the next loss be non-finite)
+    assert saved["grad_step"] == 300 and int(saved["train_state"][-2]) == 300 and int(saved["last_good"][-2]) == 299  # leaves end with grad_step, key
 
     assert dqn.main(small_args(resume=run_dir))["run_dir"] == run_dir  # the same directory, appended to
     same_runs(str(tmp_path / "reference" / reference), run_dir, "small.msgpack")
 
 
-def test_non_finite_loss_stops_with_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize("script", ["dqn_pruned.py", "rainbow_pruned.py"])  # Rainbow: its NaN priorities never reach the sum tree
+def test_non_finite_loss_stops_with_a_resumable_checkpoint(tmp_path, script):
     flags = ["--env-id", "CartPole-v1", "--network", "mlp", "--total-timesteps", "600", "--learning-starts", "100",
              "--batch-size", "16", "--buffer-size", "1000", "--train-frequency", "1", "--learning-rate", "1e30", "--exp-name", "nan"]
-    result = run_script("dqn_pruned.py", *flags, cwd=str(tmp_path))
+    result = run_script(script, *flags, cwd=str(tmp_path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: non-finite loss at env step ") and "Traceback" not in result.stderr
@@ -189,10 +193,31 @@ def test_non_finite_loss_stops_with_a_resumable_checkpoint(tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in saved["train_state"] if leaf.dtype.kind == "f")  # the last good state
     assert saved["global_step"] == env_step + 1
     # resumable, here with a sane learning rate (a flag a resumed run may change)
-    result = run_script("dqn_pruned.py", "--resume", run_dir, "--learning-rate", "1e-3", "--save-model", cwd=str(tmp_path))
+    result = run_script(script, "--resume", run_dir, "--learning-rate", "1e-3", "--save-model", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed {run_dir} at env step {env_step + 1}, gradient step {saved['grad_step']}" in result.stdout
     assert os.path.exists(os.path.join(run_dir, "nan.msgpack"))
+    config = dqn.saved_config(run_dir)  # the changed flag is the run's now, the default of a later --resume
+    assert config["learning_rate"] == 1e-3 and config["resumed_after_step"] == [env_step]
+
+
+def test_offline_non_finite_loss_checkpoints_the_last_good_state(tmp_path, monkeypatch):
+    """CQL stops at a non-finite loss after checkpointing the last good train state, with only the evaluations of the
+    iterations that state had finished; resumed with a sane learning rate it runs to the end."""
+    write_cartpole_dataset(str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    args = cql.Args(env_id="CartPole-v1", network="mlp", dataset_dir=str(tmp_path / "data"), num_checkpoints=1, transitions_per_checkpoint=5000,
+                    num_iterations=3, grad_steps_per_iteration=1, eval_steps=20, learning_rate=1e30, adam_eps=1e-8, batch_size=16,
+                    exp_name="nan", save_model=True)
+    with pytest.raises(cql.NonFiniteError, match=r"non-finite loss at gradient step (\d+); the last good train state \(gradient step (\d+)\)") as error:
+        cql.main(args)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    saved = cql.load_checkpoint(run_dir)
+    good = saved["grad_step"]
+    assert f"(gradient step {good})" in str(error.value) and len(saved["eval_returns"]) == good  # one evaluation per 1-step iteration
+    result = cql.main(dataclasses.replace(cql.resolve(args), learning_rate=1e-4, resume=run_dir))
+    assert len(result["eval_returns"]) == 3 and result["eval_returns"][:good] == saved["eval_returns"]
+    assert [step for step, _ in read_scalars(run_dir)["charts/eval_return"]] == [1, 2, 3]  # no iteration logged twice
 
 
 def test_resume_refuses_other_flags_and_names_them(tmp_path, monkeypatch):
@@ -206,6 +231,10 @@ def test_resume_refuses_other_flags_and_names_them(tmp_path, monkeypatch):
     assert defaults == small_args(total_timesteps=600)  # the CLI's defaults are the run's flags
     result = run_script("dqn_pruned.py", "--resume", run_dir, "--width-scale", "2", cwd=str(tmp_path))
     assert result.returncode == 2 and "--width-scale 1 in the run, 2 now" in result.stderr
+    import rainbow_pruned as rainbow  # another script's run is refused even where every flag would fit
+
+    with pytest.raises(rainbow.ArgsError, match="a run of dqn_pruned.py, not of rainbow_pruned.py"):
+        rainbow.check_args(rainbow.Args(**{**dataclasses.asdict(small_args(total_timesteps=600)), "resume": run_dir}))
 
 
 def test_trim_events_drops_later_steps_and_a_cut_record(tmp_path):
@@ -216,10 +245,15 @@ def test_trim_events_drops_later_steps_and_a_cut_record(tmp_path):
         writer.add_scalar("x", float(step), step)
     writer.close()
     (path,) = glob.glob(str(tmp_path / "*tfevents*"))
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path + ".tmp", "wb") as f:  # a rewrite cut short by a kill in an earlier trim
+        f.write(whole[: len(whole) // 2])
     with open(path, "ab") as f:
         f.write(b"\x10\x00\x00")  # a record cut short by a kill
     dqn.trim_events(str(tmp_path), 6)
     assert read_scalars(str(tmp_path))["x"] == [(step, float(step)) for step in range(7)]
+    assert glob.glob(str(tmp_path / "*")) == [path]
 
 
 def test_atari_env_pickles_with_its_emulator_state():
