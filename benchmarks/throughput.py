@@ -101,9 +101,9 @@ def paper_rate(module, args) -> float:
     return count / total if args.pruning_method in ("gmp", "rigl", "set") else 0.0
 
 
-def benchmark(script: str, flags: dict, methods: list, loop_steps: int, warmup_steps: int, calls: int, repeats: int) -> list:
-    """One row per method: the median over `repeats` interleaved runs of the pieces' rates, the bound and the loop's SPS."""
-    module = importlib.import_module(os.path.basename(script)[: -len(".py")])
+def benchmark(module, flags: dict, methods: list, loop_steps: int, warmup_steps: int, calls: int, repeats: int) -> list:
+    """One row per method of the script `module`: the median over `repeats` interleaved runs of the pieces' rates,
+    the bound and the loop's SPS."""
     real_train_online = module.train_online
     runs = {method: [] for method in methods}
     workdir = tempfile.mkdtemp(prefix="throughput_")
@@ -206,7 +206,7 @@ def main(argv=None) -> list:
         except (ValueError, SyntaxError):
             flags[name] = value  # a string
 
-    rows = benchmark(args.script, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls, args.repeats)
+    rows = benchmark(module, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls, args.repeats)
     print_table(rows, f"{args.script} on {args.env_id}, {args.network} k={args.width_scale}, batch {args.batch_size}, "
                       f"a gradient step every {args.train_frequency} env steps; {jax.devices()[0].device_kind} ({jax.default_backend()})")
     return rows

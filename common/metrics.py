@@ -17,28 +17,26 @@ def neuron_scores(activation: jax.Array) -> jax.Array:
     return mean_abs / (mean_abs.mean() + 1e-9)
 
 
+def layer_fractions(flags: dict) -> tuple:
+    """{layer: (H,) bool per neuron} -> ({layer: fraction of its neurons flagged}, fraction over all neurons of all
+    the given layers)."""
+    per_layer = {name: flag.mean() for name, flag in flags.items()}
+    total = sum(flag.size for flag in flags.values())
+    return per_layer, sum(flag.sum() for flag in flags.values()) / max(total, 1)
+
+
 def dormant_fractions(activations: dict, tau: float) -> tuple:
     """tau-dormant neurons (Sokar et al. 2023): neuron i is dormant iff its score s_i <= tau (tau 0.1, or 0.025 for
     the default setting, dopamine#226). {layer: (B, ..., H) post-activations} -> ({layer: dormant fraction},
     fraction over all neurons of all the given layers)."""
-    per_layer, dormant, total = {}, 0, 0
-    for name, activation in activations.items():
-        is_dormant = neuron_scores(activation) <= tau  # (H,)
-        per_layer[name] = is_dormant.mean()
-        dormant, total = dormant + is_dormant.sum(), total + is_dormant.size
-    return per_layer, dormant / max(total, 1)
+    return layer_fractions({name: neuron_scores(activation) <= tau for name, activation in activations.items()})
 
 
 def dead_neuron_fractions(kernel_masks: dict) -> tuple:
     """Structurally dead neurons: every incoming weight is masked, so the unit computes a constant (its bias).
     A kernel's last axis indexes its output neurons (dense (in, out); conv (h, w, in, out)).
     {layer: 0/1 kernel mask} -> ({layer: dead fraction}, fraction over all neurons of all the given layers)."""
-    per_layer, dead, total = {}, 0, 0
-    for name, mask in kernel_masks.items():
-        is_dead = mask.reshape(-1, mask.shape[-1]).sum(axis=0) == 0  # (out,)
-        per_layer[name] = is_dead.mean()
-        dead, total = dead + is_dead.sum(), total + is_dead.size
-    return per_layer, dead / max(total, 1)
+    return layer_fractions({name: mask.reshape(-1, mask.shape[-1]).sum(axis=0) == 0 for name, mask in kernel_masks.items()})
 
 
 def srank(features: jax.Array, delta: float = 0.01) -> jax.Array:

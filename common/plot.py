@@ -38,7 +38,6 @@ import numpy as np  # noqa: E402
 from common import atari_scores  # noqa: E402
 
 
-
 def find_runs(runs_dir: str) -> list:
     """Every directory below runs_dir that holds a config.json, in sorted order."""
     found = []
