@@ -5,6 +5,7 @@ Fills the script's own ReplayBuffer (the shared section; Rainbow's prioritized o
 its final observation, as the training loop does), and prints the growth of the process's resident memory (VmRSS) and
 the bytes per transition. Frames are random, so no page stays untouched. Linux only (reads /proc/self/status).
 """
+
 import argparse
 import importlib
 import os
@@ -27,9 +28,14 @@ def resident_bytes() -> int:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--capacity", type=int, default=1_000_000, help="buffer capacity and transitions stored (1M: Atari's)")
-    parser.add_argument("--script", default="dqn_pruned.py", help="whose ReplayBuffer: dqn_pruned.py (uniform) or rainbow_pruned.py (prioritized)")
-    parser.add_argument("--episode-length", type=int, default=1000, help="env steps per synthetic episode")
+    add = parser.add_argument
+    add("--capacity", type=int, default=1_000_000, help="buffer capacity and transitions stored (1M: Atari's)")
+    add(
+        "--script",
+        default="dqn_pruned.py",
+        help="whose ReplayBuffer: dqn_pruned.py (uniform) or rainbow_pruned.py (prioritized)",
+    )
+    add("--episode-length", type=int, default=1000, help="env steps per synthetic episode")
     args = parser.parse_args(argv)
     if args.capacity < 1 or args.episode_length < 1:
         parser.error("--capacity and --episode-length must be >= 1")
@@ -44,10 +50,11 @@ def main(argv=None) -> dict:
     step = 0
     while buffer.count < args.capacity:
         step += 1
-        buffer.add(frames[step % 64], int(rng.integers(6)), 0.0, False, step % args.episode_length == 0, frames[(step + 1) % 64])
+        episode_end = step % args.episode_length == 0
+        buffer.add(frames[step % 64], int(rng.integers(6)), 0.0, False, episode_end, frames[(step + 1) % 64])
     grown = resident_bytes() - before
-    row = {"script": args.script, "capacity": args.capacity, "transitions": step, "resident_gb": grown / 1e9,
-           "bytes_per_transition": grown / step, "seconds": time.time() - start}
+    row = {"script": args.script, "capacity": args.capacity, "transitions": step, "seconds": time.time() - start}
+    row.update(resident_gb=grown / 1e9, bytes_per_transition=grown / step)
     print("| script | capacity (slots) | transitions stored | resident memory | bytes per transition |")
     print("|---|---|---|---|---|")
     print(f"| {args.script} | {args.capacity:,} | {step:,} | {grown / 1e9:.2f} GB | {grown / step:,.0f} |")

@@ -1,4 +1,4 @@
-"""Atari reference scores and game lists for human-normalized scores (METHODS 6).
+"""Atari reference scores and game lists for human-normalized scores.
 
 RANDOM_HUMAN: the per-game (random, human) scores of DQN Zoo's atari_data.py (the "human_at30" protocol: at least 3
 episodes, 1-30 no-op starts, episodes capped at 108k frames), for the 57 games of Atari-57.
@@ -73,13 +73,53 @@ RANDOM_HUMAN = {
 DOPAMINE_DIFFERENCES = {"Defender": "no human score", "Surround": "no human score", "VideoPinball": "random 0.0"}
 
 # the 15 games of Graesser et al. (2022), used by Obando-Ceron et al. for every main result (App. B)
-GAMES_15 = ("MsPacman", "Pong", "Qbert", "Assault", "Asterix", "BeamRider", "Boxing", "Breakout", "CrazyClimber",
-            "DemonAttack", "Enduro", "FishingDerby", "SpaceInvaders", "Tutankham", "VideoPinball")
+GAMES_15 = (
+    "MsPacman",
+    "Pong",
+    "Qbert",
+    "Assault",
+    "Asterix",
+    "BeamRider",
+    "Boxing",
+    "Breakout",
+    "CrazyClimber",
+    "DemonAttack",
+    "Enduro",
+    "FishingDerby",
+    "SpaceInvaders",
+    "Tutankham",
+    "VideoPinball",
+)
 
 # the 26 games of Atari 100k (Kaiser et al. 2020)
-GAMES_100K = ("Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout", "ChopperCommand",
-              "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero", "Jamesbond", "Kangaroo", "Krull",
-              "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert", "RoadRunner", "Seaquest", "UpNDown")
+GAMES_100K = (
+    "Alien",
+    "Amidar",
+    "Assault",
+    "Asterix",
+    "BankHeist",
+    "BattleZone",
+    "Boxing",
+    "Breakout",
+    "ChopperCommand",
+    "CrazyClimber",
+    "DemonAttack",
+    "Freeway",
+    "Frostbite",
+    "Gopher",
+    "Hero",
+    "Jamesbond",
+    "Kangaroo",
+    "Krull",
+    "KungFuMaster",
+    "MsPacman",
+    "Pong",
+    "PrivateEye",
+    "Qbert",
+    "RoadRunner",
+    "Seaquest",
+    "UpNDown",
+)
 
 # Dopamine's 60 games (Obando-Ceron et al. Fig. 6; also the games of the DQN Replay Dataset): Atari-57 without Defender
 # and Surround, plus five games without a human score
@@ -91,7 +131,7 @@ def game_of(env_id: str):
     """The game of an ALE env id ("ALE/MsPacman-v5" -> "MsPacman"), None for a non-Atari id."""
     if not env_id.startswith("ALE/"):
         return None
-    return env_id[len("ALE/"):].rsplit("-v", 1)[0]
+    return env_id[len("ALE/") :].rsplit("-v", 1)[0]
 
 
 def human_normalized(game: str, score):

@@ -1,11 +1,15 @@
-"""Analysis metrics of a value network under sparse training (METHODS 5), as pure jax.numpy functions.
+"""Analysis metrics of a value network under sparse training , as pure jax.numpy functions.
 
 Every *_pruned.py imports this module (and nothing else from common/) and logs these under the tags listed in the
 README's "Analysis metrics" section, every --metrics-frequency steps, on one fixed batch of replay states. The
 functions take plain arrays and dicts, so they run eagerly on NumPy inputs and under jax.jit alike.
 """
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
 
 def neuron_scores(activation: jax.Array) -> jax.Array:
@@ -36,7 +40,9 @@ def dead_neuron_fractions(kernel_masks: dict) -> tuple:
     """Structurally dead neurons: every incoming weight is masked, so the unit computes a constant (its bias).
     A kernel's last axis indexes its output neurons (dense (in, out); conv (h, w, in, out)).
     {layer: 0/1 kernel mask} -> ({layer: dead fraction}, fraction over all neurons of all the given layers)."""
-    return layer_fractions({name: mask.reshape(-1, mask.shape[-1]).sum(axis=0) == 0 for name, mask in kernel_masks.items()})
+    return layer_fractions(
+        {name: mask.reshape(-1, mask.shape[-1]).sum(axis=0) == 0 for name, mask in kernel_masks.items()}
+    )
 
 
 def srank(features: jax.Array, delta: float = 0.01) -> jax.Array:
@@ -60,7 +66,7 @@ def q_norm(q_values: jax.Array) -> jax.Array:
 
 def target_variance(targets: jax.Array) -> jax.Array:
     """Variance over the batch of the TD targets y = r + gamma^n max_a' Q_target(s', a') (or the target distribution's
-    mean), a proxy for Obando-Ceron et al.'s "Q-target variance" (Fig. 11; METHODS 5.5). (B,) -> ()."""
+    mean), a proxy for Obando-Ceron et al.'s "Q-target variance" (Fig. 11). (B,) -> ()."""
     return jnp.var(targets)
 
 
@@ -79,3 +85,106 @@ def interference(covariance: jax.Array) -> tuple:
     off_diagonal = ~jnp.eye(n, dtype=bool)
     pairs = max(n * (n - 1), 1)
     return jnp.sum(jnp.abs(covariance) * off_diagonal) / pairs, jnp.sum((covariance < 0) & off_diagonal) / pairs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The analysis every script runs every --metrics-frequency steps on one fixed batch: the metrics above, recorded
+# from the script's own network and loss, and written to TensorBoard.
+# ------------------------------------------------------------------------------------------------------------------
+OUTPUT_LAYERS = ("q", "logits", "value", "advantage")  # the heads' output layers; every other conv/dense is hidden
+
+
+def layer_name(path) -> str:
+    """Tree path -> 'torso/stack0_conv/kernel'."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def overall_sparsity(params, targets) -> float:
+    """Sparsity over all prunable kernels (ndim > 1) implied by per-layer sparsities: sum_l N_l s_l / sum_l N_l."""
+    pairs = [(p.size, s) for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(targets)) if p.ndim > 1]
+    return sum(n * s for n, s in pairs) / max(sum(n for n, _ in pairs), 1)
+
+
+def sparsity_summary(params) -> dict:
+    """Achieved sparsity (exact zeros, JaxPruner's summary): per prunable layer (ndim > 1), over all prunable kernels,
+    and over all parameters."""
+    summary, zeros, size, kernel_zeros, kernel_size = {}, 0, 0, 0, 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        leaf_zeros = jnp.sum(leaf == 0)
+        zeros, size = zeros + leaf_zeros, size + leaf.size
+        if leaf.ndim > 1:
+            summary[f"pruning/layer/{layer_name(path)}"] = leaf_zeros / leaf.size
+            kernel_zeros, kernel_size = kernel_zeros + leaf_zeros, kernel_size + leaf.size
+    summary["pruning/kernel_sparsity"] = kernel_zeros / max(kernel_size, 1)
+    summary["pruning/total_sparsity"] = zeros / size
+    return summary
+
+
+def hidden_activations(q_fn, params, obs, key) -> tuple:
+    """(Q(s, .) (B, A), {layer: ReLU(output)} of every hidden conv and dense layer), recorded while q_fn runs. A unit's
+    activation is the ReLU of its layer's output: what the next layer sees in the CNN, the MLP and the heads; in the
+    ResNet, the ReLU of each conv's own contribution to the residual stream."""
+    outputs = {}
+
+    def record(call, call_args, call_kwargs, context):
+        out = call(*call_args, **call_kwargs)
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            outputs["/".join(context.module.path)] = out
+        return out
+
+    with nn.intercept_methods(record):
+        q = q_fn(params, obs, key)
+    return q, {name: nn.relu(out) for name, out in outputs.items() if name.split("/")[-1] not in OUTPUT_LAYERS}
+
+
+def make_analysis(q_fn, loss_fn, grad_samples: int):
+    """The jitted analysis (params, target_params, masks, batch, key) -> (scalars, gradient covariance (n, n)) of a
+    script's q_fn(params, obs, key) -> Q(s, .) and loss_fn(params, target_params, batch, key) -> (loss, aux with
+    "targets"). Per-sample gradients are those of the loss on each of the batch's first `grad_samples` transitions
+    alone, masked like the updates they would make."""
+
+    def analysis(params, target_params, masks, batch, key):
+        q, activations = hidden_activations(q_fn, params, batch.obs, key)
+        scalars = {"metrics/dormant_0.025": dormant_fractions(activations, 0.025)[1]}
+        per_layer, scalars["metrics/dormant_0.1"] = dormant_fractions(activations, 0.1)
+        scalars.update({f"metrics/dormant_0.1/{name}": value for name, value in per_layer.items()})
+        kernel_masks = {
+            layer_name(path[:-1]): m
+            for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]
+            if layer_name(path[:-1]) in activations and m.ndim > 1
+        }
+        per_layer, scalars["metrics/dead_fraction"] = dead_neuron_fractions(kernel_masks)
+        scalars.update({f"metrics/dead/{name}": value for name, value in per_layer.items()})
+        features = activations["dense"]  # the penultimate layer, (B, 512) ((B, K, 512) in IQN)
+        scalars["metrics/srank"] = srank(features.reshape(-1, features.shape[-1]))
+        scalars["metrics/param_norm"] = param_norm(params)
+        scalars["metrics/q_norm"] = q_norm(q)
+        scalars["metrics/target_variance"] = target_variance(loss_fn(params, target_params, batch, key)[1]["targets"])
+
+        def sample_gradient(sample, sample_key):  # the flat, masked gradient of one transition's loss
+            one = jax.tree.map(lambda x: x[None], sample)
+            grads = jax.grad(lambda p: loss_fn(p, target_params, one, sample_key)[0])(params)
+            return ravel_pytree(jax.tree.map(lambda g, m: g * m, grads, masks))[0]  # (P,)
+
+        few = jax.tree.map(lambda x: x[:grad_samples], batch)
+        grads = jax.vmap(sample_gradient)(few, jax.random.split(key, grad_samples))  # (n, P)
+        covariance = gradient_covariance(grads)  # (n, n)
+        scalars["metrics/grad_cosine_abs"], scalars["metrics/grad_interference"] = interference(covariance)
+        return scalars, covariance
+
+    return jax.jit(analysis)
+
+
+def by_action(batch, first: int):
+    """The batch (a NamedTuple of arrays) with its first `first` transitions (those of the gradient covariance, a
+    random subset) reordered by action (stable), so that its heat map shows transitions of one action side by side."""
+    order = np.concatenate([np.argsort(batch.actions[:first], kind="stable"), np.arange(first, len(batch.actions))])
+    return type(batch)(*(field[order] for field in batch))
+
+
+def write_analysis(writer, results: tuple, step: int) -> None:
+    """TensorBoard: the analysis scalars, and the covariance matrix as a gray image (C = -1 black, +1 white)."""
+    scalars, covariance = jax.device_get(results)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, float(value), step)
+    writer.add_image("metrics/grad_covariance", (np.asarray(covariance) + 1.0) / 2.0, step, dataformats="HW")

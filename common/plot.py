@@ -22,6 +22,7 @@ stratified percentile bootstrap (runs resampled within each game; --reps 50,000 
 curves), NumPy's global generator seeded with --seed before each. A configuration needs the same number of seeds in every game: where the counts differ,
 the lowest seeds are kept. The matrix's rows are the seeds in increasing order, its columns the games in name order.
 """
+
 import argparse
 import csv
 import json
@@ -32,10 +33,10 @@ from collections import defaultdict
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from common import atari_scores  # noqa: E402
+from common import atari_scores
 
 
 def find_runs(runs_dir: str) -> list:
@@ -95,7 +96,9 @@ def load_runs(runs_dir: str, points: int) -> list:
         if not returns:
             print(f"skipped {run_dir}: no returns logged")
             continue
-        if tag == "charts/eval_return":  # logged at the gradient steps done (k * iteration), the online returns at the step's index
+        if (
+            tag == "charts/eval_return"
+        ):  # logged at the gradient steps done (k * iteration), the online returns at the step's index
             returns = [(step - 1, value) for step, value in returns]
         length = run_length(config)
         if max(step for step, _ in returns) < length * (points - 1) / points:
@@ -109,12 +112,22 @@ def load_runs(runs_dir: str, points: int) -> list:
                 continue
             scores = atari_scores.human_normalized(game, scores)
         method = config["pruning_method"]
-        records.append({
-            "run_dir": run_dir, "suite": "atari" if game is not None else config["env_id"], "task": config["env_id"],
-            "script": config.get("script", config["exp_name"]) + (" --c51" if config.get("c51") else ""), "network": config["network"],
-            "pruning_method": method, "sparsity": 0.0 if method == "none" else float(config["sparsity"]),
-            "width": int(config["width_scale"]), "seed": int(config["seed"]), "tag": tag, "length": length, "scores": scores,
-        })
+        records.append(
+            {
+                "run_dir": run_dir,
+                "suite": "atari" if game is not None else config["env_id"],
+                "task": config["env_id"],
+                "script": config.get("script", config["exp_name"]) + (" --c51" if config.get("c51") else ""),
+                "network": config["network"],
+                "pruning_method": method,
+                "sparsity": 0.0 if method == "none" else float(config["sparsity"]),
+                "width": int(config["width_scale"]),
+                "seed": int(config["seed"]),
+                "tag": tag,
+                "length": length,
+                "scores": scores,
+            }
+        )
     return records
 
 
@@ -128,14 +141,18 @@ def score_matrices(records: list) -> dict:
     for r in records:
         runs = groups[(r["suite"], tuple(r[k] for k in CONFIG_KEYS))][r["task"]]
         if r["seed"] in runs:
-            print(f"skipped {r['run_dir']}: a second run of {r['task']}, seed {r['seed']}, with the configuration of {runs[r['seed']]['run_dir']}")
+            print(
+                f"skipped {r['run_dir']}: a second run of {r['task']}, seed {r['seed']}, with the configuration of {runs[r['seed']]['run_dir']}"
+            )
             continue
         runs[r["seed"]] = r
     matrices = {}
     for key, by_task in groups.items():
         tasks = sorted(by_task)
         runs = min(len(by_task[t]) for t in tasks)
-        columns = [[by_task[t][seed]["scores"] for seed in sorted(by_task[t])[:runs]] for t in tasks]  # (tasks, runs, points)
+        columns = [
+            [by_task[t][seed]["scores"] for seed in sorted(by_task[t])[:runs]] for t in tasks
+        ]  # (tasks, runs, points)
         length = max(r["length"] for t in tasks for r in by_task[t].values())
         matrices[key] = (np.transpose(np.array(columns), (1, 0, 2)), tasks, length)
     return matrices
@@ -175,7 +192,7 @@ def plot_curves(suite: str, results: dict, points: int, out_dir: str) -> str:
             if config[0] != script:
                 continue
             x = (np.arange(points) + 1) / points * r["length"]
-            ax.plot(x, r["curve"][0], label=label(config)[len(script) + 1:])  # the panel names the script
+            ax.plot(x, r["curve"][0], label=label(config)[len(script) + 1 :])  # the panel names the script
             ax.fill_between(x, r["curve"][1], r["curve"][2], alpha=0.2)
         ax.set_title(script)
         ax.set_xlabel("steps (end of slice)")
@@ -196,8 +213,17 @@ def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str) -> s
         values.sort()
         x = np.array([v[0] for v in values], float)
         y = np.array([v[1] for v in values])  # (n, 3): iqm, lower, upper
-        ax.errorbar(x, y[:, 0], yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], marker="o", capsize=3,
-                    label=" ".join(f"{k}={v}" if k in ("width", "sparsity") else str(v) for k, v in zip([k for k in CONFIG_KEYS if k != x_key], line)))
+        ax.errorbar(
+            x,
+            y[:, 0],
+            yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]],
+            marker="o",
+            capsize=3,
+            label=" ".join(
+                f"{k}={v}" if k in ("width", "sparsity") else str(v)
+                for k, v in zip([k for k in CONFIG_KEYS if k != x_key], line)
+            ),
+        )
     ax.set_xlabel(x_key)
     ax.set_ylabel("final IQM human-normalized score" if suite == "atari" else f"final IQM return ({suite})")
     ax.legend(fontsize=7)
@@ -216,8 +242,12 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m common.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="directory holding run directories (each with config.json and event files)")
     parser.add_argument("--out", required=True, help="directory to write the PNGs and CSVs to")
-    parser.add_argument("--points", type=int, default=40, help="slices of each run: points of the curves; the last is the final score")
-    parser.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples of the final IQM's CI (rliable's default)")
+    parser.add_argument(
+        "--points", type=int, default=40, help="slices of each run: points of the curves; the last is the final score"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=50_000, help="bootstrap resamples of the final IQM's CI (rliable's default)"
+    )
     parser.add_argument("--curve-reps", type=int, default=2_000, help="bootstrap resamples of the curves' CIs")
     parser.add_argument("--seed", type=int, default=0, help="random state of the bootstraps")
     args = parser.parse_args(argv)
@@ -233,15 +263,22 @@ def main(argv=None) -> dict:
     results = {}
     for (suite, config), (scores, tasks, length) in sorted(score_matrices(records).items()):
         final = iqm_with_ci(scores[..., -1:], args.reps, args.seed)
-        results[(suite, config)] = {"tasks": tasks, "runs": scores.shape[0], "length": length,
-                                    "final": tuple(float(v[0]) for v in final), "curve": iqm_with_ci(scores, args.curve_reps, args.seed)}
+        results[(suite, config)] = {
+            "tasks": tasks,
+            "runs": scores.shape[0],
+            "length": length,
+            "final": tuple(float(v[0]) for v in final),
+            "curve": iqm_with_ci(scores, args.curve_reps, args.seed),
+        }
 
     written = []
     with open(os.path.join(args.out, "aggregates.csv"), "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["suite", *CONFIG_KEYS, "seeds", "tasks", "iqm", "ci_low", "ci_high", "score"])
         for (suite, config), r in sorted(results.items()):
-            out.writerow([suite, *config, r["runs"], len(r["tasks"]), *r["final"], "hns" if suite == "atari" else "return"])
+            out.writerow(
+                [suite, *config, r["runs"], len(r["tasks"]), *r["final"], "hns" if suite == "atari" else "return"]
+            )
     with open(os.path.join(args.out, "curves.csv"), "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["suite", *CONFIG_KEYS, "point", "step", "iqm", "ci_low", "ci_high"])

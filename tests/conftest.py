@@ -1,4 +1,5 @@
 """Shared test setup: the repository root on sys.path, strict shapes, and small helpers."""
+
 import ast
 import os
 import subprocess
@@ -16,16 +17,22 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 def run_script(script: str, *flags: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs `python script flags...` through the real CLI in `cwd`."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def args_docstrings(script: str) -> dict:
-    """{field: attribute docstring} of a script's Args class, read from its source as tyro reads it."""
+    """{field: attribute docstring, its lines joined by single spaces} of a script's Args class, read from its source
+    as tyro reads it."""
     with open(os.path.join(ROOT, script)) as f:
         tree = ast.parse(f.read())
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    return {
+        a.target.id: " ".join(b.value.value.split())
+        for a, b in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+    }
 
 
 def read_scalars(run_dir: str) -> dict:
@@ -47,8 +54,17 @@ def read_image_steps(run_dir: str) -> dict:
 
 
 # the tags of the analysis metrics every script logs (README, "Analysis metrics"), besides per-layer ones
-METRIC_TAGS = ["metrics/dormant_0.1", "metrics/dormant_0.025", "metrics/dead_fraction", "metrics/srank", "metrics/param_norm",
-               "metrics/q_norm", "metrics/target_variance", "metrics/grad_cosine_abs", "metrics/grad_interference"]
+METRIC_TAGS = [
+    "metrics/dormant_0.1",
+    "metrics/dormant_0.025",
+    "metrics/dead_fraction",
+    "metrics/srank",
+    "metrics/param_norm",
+    "metrics/q_norm",
+    "metrics/target_variance",
+    "metrics/grad_cosine_abs",
+    "metrics/grad_interference",
+]
 
 
 def check_metric_logs(run_dir: str, scalars: dict, steps: list, hidden_layers: list) -> None:
@@ -56,8 +72,10 @@ def check_metric_logs(run_dir: str, scalars: dict, steps: list, hidden_layers: l
     covariance heat map; fractions are fractions."""
     for tag in METRIC_TAGS:
         assert [step for step, _ in scalars[tag]] == steps, tag
-    assert sorted(t[len("metrics/dormant_0.1/"):] for t in scalars if t.startswith("metrics/dormant_0.1/")) == sorted(hidden_layers)
-    assert sorted(t[len("metrics/dead/"):] for t in scalars if t.startswith("metrics/dead/")) == sorted(hidden_layers)
+    assert sorted(t[len("metrics/dormant_0.1/") :] for t in scalars if t.startswith("metrics/dormant_0.1/")) == sorted(
+        hidden_layers
+    )
+    assert sorted(t[len("metrics/dead/") :] for t in scalars if t.startswith("metrics/dead/")) == sorted(hidden_layers)
     for tag in ("metrics/dormant_0.1", "metrics/dormant_0.025", "metrics/dead_fraction", "metrics/grad_interference"):
         assert all(0 <= value <= 1 for _, value in scalars[tag]), tag
     assert all(value >= 1 for _, value in scalars["metrics/srank"])

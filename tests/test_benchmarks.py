@@ -1,40 +1,88 @@
-"""The benchmarks run on tiny configs and print their tables (their figures are not asserted: they are timings)."""
+"""The benchmarks on tiny configs: timings are not asserted, but every figure derived from them is recomputed here, and
+the mask-update counts and the loop's SPS against hand computations."""
+
 import math
 import os
 import sys
 
+import pytest
 from conftest import ROOT
+from tensorboardX import SummaryWriter
+
+import dqn_pruned as dqn
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import memory  # noqa: E402
-import throughput  # noqa: E402
+import memory
+import throughput
 
 
-def test_throughput_prints_one_row_per_method(capsys, tmp_path, monkeypatch):
+def test_throughput_rows_follow_their_formulas(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rows = throughput.main(["--env-id", "CartPole-v1", "--network", "mlp", "--methods", "none", "gmp", "--learning-starts", "200",
-                            "--warmup-steps", "100", "--loop-steps", "200", "--calls", "10", "--buffer-size", "1000"])
+    flags = ["--env-id", "CartPole-v1", "--network", "mlp", "--methods", "none", "gmp", "--learning-starts", "200"]
+    rows = throughput.main(
+        flags + ["--warmup-steps", "100", "--loop-steps", "200", "--calls", "10", "--buffer-size", "1000"]
+    )
     out = capsys.readouterr().out.splitlines()
-    table = out[next(i for i, line in enumerate(out) if line.startswith("dqn_pruned.py on ")):]  # after the runs' progress lines
-    assert table[0].startswith("dqn_pruned.py on CartPole-v1, mlp k=1, batch 32, a gradient step every 4 env steps; cpu")
-    assert table[1].startswith("| method | env steps/s |") and [line.split(" | ")[0] for line in table[3:]] == ["| none", "| gmp"]
+    table = out[
+        next(i for i, line in enumerate(out) if line.startswith("dqn_pruned.py on ")) :
+    ]  # after the runs' lines
+    assert table[0].startswith(
+        "dqn_pruned.py on CartPole-v1, mlp k=1, batch 32, a gradient step every 4 env steps; cpu"
+    )
+    assert table[1].startswith("| method | env steps/s |") and [line.split(" | ")[0] for line in table[3:]] == [
+        "| none",
+        "| gmp",
+    ]
     assert [row["method"] for row in rows] == ["none", "gmp"]
-    for row in rows:
-        for key in ("env", "store", "act", "sample", "learn", "update", "bound", "loop", "paper", "vs_dense"):
-            assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
-    assert rows[0]["vs_dense"] == 1.0 and rows[0]["mask"] == 0.0
     assert os.listdir(tmp_path) == []  # its runs went to a scratch directory
+    none, gmp = rows
+    for row in rows:
+        for key in ("env", "store", "act", "sample", "learn", "update", "bound", "loop", "paper"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
+        assert row["update"] == pytest.approx(1 / (1 / row["learn"] - 1 / row["sample"]))
+        host = 1 / row["env"] + 1 / row["store"] + 1 / row["act"]
+        assert row["bound"] == pytest.approx(1 / (host + 1 / (4 * row["learn"])))
+        assert row["vs_dense"] == pytest.approx(none["paper"] / row["paper"])
+        assert row["projected_hours"] == pytest.approx(10_000_000 / row["paper"] / 3600)
+    assert none["mask"] == 0.0 and none["paper"] == pytest.approx(none["loop"]) and none["vs_dense"] == 1.0
+    # gmp, 500 env steps: 75 gradient steps (env steps 200, 204, ..., 496), mask updates at round(0.2 * 75) = 15 and
+    # the forced round(0.8 * 75) = 60. The timed window, env steps 300-499, holds gradient steps 25-74: 50 steps and
+    # the update at 60, swapped for 50 steps at the paper's rate (1498 in 2,495,000).
+    swapped = 50 * 1498 / 2_495_000 - 1
+    assert gmp["paper"] == pytest.approx(200 / (200 / gmp["loop"] + swapped * gmp["mask"] / 1000))
 
 
 def test_paper_rate_counts_the_paper_schedule():
-    """GMP in the paper's run: a mask update every 1000 gradient steps from 499,000 to 1,996,000, both ends included,
-    out of 2,495,000 gradient steps."""
-    import dqn_pruned as dqn
-
+    """The paper's run: 2,495,000 gradient steps (env steps 20,000 to 10M, one every 4). GMP: a mask update every
+    1000 gradient steps from round(0.2 * 2,495,000) = 499,000 to 1,996,000, both ends included: 1498. RigL: every
+    5000 from 0, 0 to 1,995,000 (400), plus the update forced at 1,996,000: 401."""
     assert throughput.paper_rate(dqn, dqn.Args(pruning_method="gmp")) == 1498 / 2_495_000
+    assert throughput.paper_rate(dqn, dqn.Args(pruning_method="rigl")) == 401 / 2_495_000
     assert throughput.paper_rate(dqn, dqn.Args(pruning_method="static")) == 0.0
-    args = dqn.Args(pruning_method="gmp", total_timesteps=3000, learning_starts=1000, train_frequency=4)  # 500 gradient steps
-    assert throughput.mask_updates(dqn, args, range(0, 500)) == len(range(100, 401, 1000)) + 1  # t_start, and the forced t_end
+    args = dqn.Args(pruning_method="gmp", total_timesteps=3000, learning_starts=1000, train_frequency=4)  # 500 steps
+    assert throughput.mask_updates(dqn, args, range(500)) == 2  # 100 (t_start) and 400 (t_end, forced)
+    assert throughput.mask_updates(dqn, args, range(101, 400)) == 0
+    assert throughput.mask_updates(dqn, dqn.Args(pruning_method="none"), range(10**4)) == 0
+
+
+def test_loop_sps_weights_the_logged_windows_by_their_steps(tmp_path):
+    """Windows of 100, 100, 100 and 50 env steps at 50, 100, 200 and 400 SPS; the first one left out: 250 steps in
+    100/100 + 100/200 + 50/400 = 1.625 s."""
+    writer = SummaryWriter(str(tmp_path))
+    for step, sps in ((99, 50.0), (199, 100.0), (299, 200.0), (349, 400.0)):
+        writer.add_scalar("charts/SPS", sps, step)
+    writer.close()
+    assert throughput.loop_sps(str(tmp_path), 100) == pytest.approx(250 / 1.625)
+    assert throughput.loop_sps(str(tmp_path), 300) == pytest.approx(400.0)
+    with pytest.raises(ValueError, match="raise --loop-steps"):
+        throughput.loop_sps(str(tmp_path), 301)
+
+
+def test_a_loop_only_row_prints_na(capsys):
+    """Rainbow, IQN and M-IQN rows hold the loop's figures only."""
+    throughput.print_table([{"method": "none", "loop": 1234.5678, "vs_dense": 1.0, "projected_hours": 22.5}], "title")
+    row = capsys.readouterr().out.splitlines()[3]
+    assert row == "| none | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 1,234.6 | n/a | n/a | 1.000 | 22.5 h |"
 
 
 def test_memory_prints_bytes_per_transition(capsys):

@@ -1,27 +1,53 @@
 """Every agent script through its real command line: --help, tiny runs for every pruning method, bad inputs."""
+
 import dataclasses
 import glob
 import json
 import os
 
 import jax
-import numpy as np
 import pytest
+from conftest import args_docstrings, check_metric_logs, check_saved_masks, read_scalars, run_script
 
 import cql_pruned as cql
 import dqn_pruned as dqn
 import iqn_pruned as iqn
 import miqn_pruned as miqn
 import rainbow_pruned as rainbow
-from conftest import args_docstrings, check_metric_logs, check_saved_masks, read_scalars, run_script
 
 # script -> (module, name of the output layer)
-SCRIPTS = {"dqn_pruned.py": (dqn, "q"), "rainbow_pruned.py": (rainbow, "logits"), "iqn_pruned.py": (iqn, "q"), "miqn_pruned.py": (miqn, "q")}
+SCRIPTS = {
+    "dqn_pruned.py": (dqn, "q"),
+    "rainbow_pruned.py": (rainbow, "logits"),
+    "iqn_pruned.py": (iqn, "q"),
+    "miqn_pruned.py": (miqn, "q"),
+}
 FEWER_QUANTILES = ["--num-tau-samples", "8", "--num-tau-prime-samples", "8", "--num-quantile-samples", "4"]  # tiny runs
 
-TINY_PONG = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "240", "--learning-starts", "80", "--batch-size", "8",
-             "--buffer-size", "1000", "--train-frequency", "4", "--target-network-frequency", "50",
-             "--exploration-steps", "100", "--prune-frequency-grad-steps", "10", "--sparsity", "0.8", "--log-frequency", "40"]
+TINY_PONG = [
+    "--env-id",
+    "ALE/Pong-v5",
+    "--total-timesteps",
+    "240",
+    "--learning-starts",
+    "80",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "1000",
+    "--train-frequency",
+    "4",
+    "--target-network-frequency",
+    "50",
+    "--exploration-steps",
+    "100",
+    "--prune-frequency-grad-steps",
+    "10",
+    "--sparsity",
+    "0.8",
+    "--log-frequency",
+    "40",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -36,14 +62,28 @@ def test_help_lists_every_flag(tmp_path, script):
 
 # every method through DQN's loop on Atari; the other agents share that sparse-training code byte for byte (a test
 # checks it), so their loops run GMP on Atari, and RigL and dense on CartPole's MLP (which compiles in seconds)
-RUNS = [("dqn_pruned.py", method, "cnn") for method in ("gmp", "rigl", "set", "none")] + [("dqn_pruned.py", "static", "nature"), ("dqn_pruned.py", "gmp", "resnet")]
-RUNS += [(script, method, "cnn" if method == "gmp" else "mlp") for script in SCRIPTS if script != "dqn_pruned.py" for method in ("gmp", "rigl", "none")]
+RUNS = [("dqn_pruned.py", method, "cnn") for method in ("gmp", "rigl", "set", "none")] + [
+    ("dqn_pruned.py", "static", "nature"),
+    ("dqn_pruned.py", "gmp", "resnet"),
+]
+RUNS += [
+    (script, method, "cnn" if method == "gmp" else "mlp")
+    for script in SCRIPTS
+    if script != "dqn_pruned.py"
+    for method in ("gmp", "rigl", "none")
+]
 
 
 # runs that also log the analysis metrics (every network and every agent's head once)
-ANALYSED = {("dqn_pruned.py", "gmp", "resnet"), ("dqn_pruned.py", "rigl", "cnn")} | {(s, "rigl", "mlp") for s in SCRIPTS}
-HIDDEN_LAYERS = {"resnet": [f"torso/stack{i}_conv" for i in range(3)] + [f"torso/stack{i}_block{j}_conv{k}" for i in range(3) for j in range(2) for k in range(2)],
-                 "cnn": ["torso/conv0", "torso/conv1", "torso/conv2"], "mlp": ["torso/fc"]}
+ANALYSED = {("dqn_pruned.py", "gmp", "resnet"), ("dqn_pruned.py", "rigl", "cnn")} | {
+    (s, "rigl", "mlp") for s in SCRIPTS
+}
+HIDDEN_LAYERS = {
+    "resnet": [f"torso/stack{i}_conv" for i in range(3)]
+    + [f"torso/stack{i}_block{j}_conv{k}" for i in range(3) for j in range(2) for k in range(2)],
+    "cnn": ["torso/conv0", "torso/conv1", "torso/conv2"],
+    "mlp": ["torso/fc"],
+}
 
 
 @pytest.mark.parametrize("script, method, network", RUNS)
@@ -55,25 +95,38 @@ def test_tiny_run(tmp_path, script, method, network):
         extra = extra + ["--metrics-frequency", "80", "--metrics-batch-size", "32", "--metrics-grad-samples", "8"]
     if network == "mlp":
         extra = extra + ["--env-id", "CartPole-v1"]
-    if method == "gmp":  # also writes its replay as an offline dataset
-        extra = extra + ["--save-replay-dir", "data", "--save-replay-checkpoint-size", "100"]
-    result = run_script(script, *TINY_PONG, *extra, "--pruning-method", method, "--network", network, "--save-model",
-                        "--exp-name", f"tiny_{method}", cwd=str(tmp_path))
+    result = run_script(
+        script,
+        *TINY_PONG,
+        *extra,
+        "--pruning-method",
+        method,
+        "--network",
+        network,
+        "--save-model",
+        "--exp-name",
+        f"tiny_{method}",
+        cwd=str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     env_name = "CartPole-v1" if network == "mlp" else "ALE_Pong-v5"
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{env_name}__tiny_{method}__1__*"))
-    if method == "gmp":  # 3 padding slots, then the 240 steps of one unfinished episode, in checkpoints of 100 slots
-        assert sorted(module.checkpoint_files(str(tmp_path / "data"))) == [0, 1, 2]
-        args = cql.Args(dataset_dir=str(tmp_path / "data"), num_checkpoints=3, transitions_per_checkpoint=100, n_step=module.Args().n_step)
-        dataset = cql.load_dataset(cql.resolve(args), (84, 84), np.uint8, 6, 4)
-        assert len(dataset.frames) == 243 and 200 < len(dataset) < 240
-
-    params, kept, total = check_saved_masks(module, os.path.join(run_dir, f"tiny_{method}.msgpack"), 0.0 if method == "none" else 0.8)
+    params, kept, total = check_saved_masks(
+        module, os.path.join(run_dir, f"tiny_{method}.msgpack"), 0.0 if method == "none" else 0.8
+    )
     target = 0.0 if method == "none" else 0.8
 
     scalars = read_scalars(run_dir)
-    for tag in ("losses/td_loss", "losses/q_values", "charts/SPS", "charts/epsilon", "pruning/target_sparsity",
-                "pruning/kernel_sparsity", "pruning/total_sparsity", f"pruning/layer/{output_layer}/kernel"):
+    for tag in (
+        "losses/td_loss",
+        "losses/q_values",
+        "charts/SPS",
+        "charts/epsilon",
+        "pruning/target_sparsity",
+        "pruning/kernel_sparsity",
+        "pruning/total_sparsity",
+        f"pruning/layer/{output_layer}/kernel",
+    ):
         assert tag in scalars, tag
     # achieved sparsity counts exact zeros in the params (JaxPruner's definition): it equals the mask's sparsity,
     # except that rigl/set grown weights start at 0 and stay there while their gradient is exactly 0
@@ -92,21 +145,28 @@ def test_tiny_run(tmp_path, script, method, network):
         hidden = HIDDEN_LAYERS[network] + ["dense"] + (["quantile_embedding"] if module in (iqn, miqn) else [])
         check_metric_logs(run_dir, scalars, [159, 239], hidden)
     else:
-        assert not any(tag.startswith("metrics/") for tag in scalars)  # --metrics-frequency 250000 (default) > 240 steps
+        assert not any(
+            tag.startswith("metrics/") for tag in scalars
+        )  # --metrics-frequency 250000 (default) > 240 steps
 
 
 BAD_INPUTS = [
     (["--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
     (["--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     (["--width-scale", "0"], "--width-scale must be a positive integer"),
-    (["--prune-start-fraction", "0.8", "--prune-end-fraction", "0.5"], "--prune-start-fraction (0.8) < --prune-end-fraction (0.5)"),
+    (
+        ["--prune-start-fraction", "0.8", "--prune-end-fraction", "0.5"],
+        "--prune-start-fraction (0.8) < --prune-end-fraction (0.5)",
+    ),
     (["--env-id", "ALE/Pongg-v5"], "unknown --env-id 'ALE/Pongg-v5'"),
     (["--buffer-size", "16", "--batch-size", "32"], "--buffer-size (16) must be >= --batch-size (32)"),
     (["--env-id", "CartPole-v1"], "--network resnet needs Atari frames"),
     (["--learning-starts", "100", "--total-timesteps", "50"], "--learning-starts must be < --total-timesteps"),
     (["--seed", "-1"], "--seed must be >= 0"),
-    (["--buffer-size", "4", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (4) must be >= frame stack + n-step (5)"),
-    (["--save-replay-dir", "full"], "--save-replay-dir full already holds replay checkpoints; choose a new directory"),
+    (
+        ["--buffer-size", "4", "--batch-size", "2", "--learning-starts", "8"],
+        "--buffer-size (4) must be >= frame stack + n-step (5)",
+    ),
     (["--env-id", "CartPol-v1"], "Did you mean: `CartPole`?"),  # close matches of an unknown id
     (["--learning-starts", "16", "--batch-size", "32"], "--learning-starts (16) must be >= --batch-size (32)"),
     (["--prune-frequency-grad-steps", "0"], "--prune-frequency-grad-steps must be > 0"),
@@ -131,7 +191,10 @@ BAD_INPUTS = [
 BAD_RAINBOW_INPUTS = [
     (["--num-atoms", "1"], "--num-atoms must be >= 2, got 1"),
     (["--v-min", "5", "--v-max", "5"], "need --v-min (5.0) < --v-max (5.0)"),
-    (["--buffer-size", "6", "--batch-size", "2", "--learning-starts", "8"], "--buffer-size (6) must be >= frame stack + n-step (7)"),
+    (
+        ["--buffer-size", "6", "--batch-size", "2", "--learning-starts", "8"],
+        "--buffer-size (6) must be >= frame stack + n-step (7)",
+    ),
 ]
 BAD_IQN_INPUTS = [
     (["--kappa", "0"], "--kappa must be > 0, got 0.0"),
@@ -141,15 +204,19 @@ BAD_MIQN_INPUTS = [
     (["--munchausen-tau", "0"], "--munchausen-tau must be > 0, got 0.0"),
     (["--munchausen-clip", "0.5"], "--munchausen-clip must be <= 0"),
 ]
-CASES = ([("dqn_pruned.py", *case) for case in BAD_INPUTS] + [("rainbow_pruned.py", *case) for case in BAD_RAINBOW_INPUTS + BAD_INPUTS[:2]]
-         + [("iqn_pruned.py", *case) for case in BAD_IQN_INPUTS + BAD_INPUTS[:2]] + [("miqn_pruned.py", *case) for case in BAD_MIQN_INPUTS + BAD_IQN_INPUTS[:1]])
+CASES = (
+    [("dqn_pruned.py", *case) for case in BAD_INPUTS]
+    + [("rainbow_pruned.py", *case) for case in BAD_RAINBOW_INPUTS + BAD_INPUTS[:2]]
+    + [("iqn_pruned.py", *case) for case in BAD_IQN_INPUTS + BAD_INPUTS[:2]]
+    + [("miqn_pruned.py", *case) for case in BAD_MIQN_INPUTS + BAD_IQN_INPUTS[:1]]
+)
 
 
 @pytest.mark.parametrize("script, flags, message", CASES, ids=[f"{c[0][:-10]}: {c[2][:30]}" for c in CASES])
 def test_bad_input_fails_cleanly(tmp_path, script, flags, message):
-    os.makedirs(tmp_path / "full")
-    open(tmp_path / "full" / "add_count_ckpt.0.gz", "wb").close()  # a directory that already holds a dataset
-    if "--resume" in flags:  # run directories to resume: one of another run (its network differs), one never checkpointed
+    if (
+        "--resume" in flags
+    ):  # run directories to resume: one of another run (its network differs), one never checkpointed
         module = SCRIPTS[script][0]
         for name, network in (("other_run", "cnn"), ("no_checkpoint", "resnet")):
             os.makedirs(tmp_path / name)
@@ -159,10 +226,10 @@ def test_bad_input_fails_cleanly(tmp_path, script, flags, message):
         open(tmp_path / "other_run" / "checkpoint.pkl", "wb").close()
     result = run_script(script, *flags, cwd=str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: '):]}"]  # one line
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: ') :]}"]  # one line
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing written
-    assert sorted(os.listdir(tmp_path)) == sorted(["full"] + (["other_run", "no_checkpoint"] if "--resume" in flags else []))
+    assert sorted(os.listdir(tmp_path)) == sorted(["other_run", "no_checkpoint"] if "--resume" in flags else [])
 
 
 def readme_flag_rows(script: str) -> str:
@@ -188,6 +255,10 @@ def test_readme_flag_table_matches_args(script):
         if field.name == "exp_name":  # its default is the script's name
             continue
         row = f"| `--{field.name.replace('_', '-')}` | `{'unset' if field.default is None else field.default}` | {own[field.name]} |"
-        same_as_dqn = field.name in dqn_fields and dqn_fields[field.name].default == field.default and dqn_docs[field.name] == own[field.name]
+        same_as_dqn = (
+            field.name in dqn_fields
+            and dqn_fields[field.name].default == field.default
+            and dqn_docs[field.name] == own[field.name]
+        )
         table = readme_flag_rows("dqn_pruned.py" if same_as_dqn else script)
         assert row in table, f"{script}: README row missing or stale: {row}"

@@ -1,8 +1,11 @@
-"""Atari protocol (SPEC 4), the area resize, and DQN's target, loss and epsilon schedule against hand computations."""
+"""The Atari env against an independent max-pool and area resize of ALE's own screens, and DQN's target, loss and
+epsilon schedule against hand computations."""
+
 import ale_py
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_atari
 
 import dqn_pruned as dqn
 
@@ -14,19 +17,21 @@ def area_resize_reference(image: np.ndarray, out: int) -> np.ndarray:
         n = image.shape[axis]
         g = np.gcd(n, out)
         image = np.repeat(image.astype(np.float64), out // g, axis=axis)
-        image = image.reshape(image.shape[:axis] + (out, n // g) + image.shape[axis + 1:]).mean(axis=axis + 1)
+        image = image.reshape(image.shape[:axis] + (out, n // g) + image.shape[axis + 1 :]).mean(axis=axis + 1)
     return image
 
 
-def test_area_resize_matrix():
-    rows = dqn.area_resize_matrix(210, 84)
+def test_area_resize_matrix():  # of the reference env that tests/test_atari_env.py compares ale-py's frames with
+    rows = reference_atari.area_resize_matrix(210, 84)
     assert rows.shape == (84, 210)
     np.testing.assert_allclose(rows.sum(axis=1), 1.0, rtol=1e-6)  # each output pixel is an average
-    np.testing.assert_allclose(dqn.area_resize_matrix(168, 84)[3, 6:8], [0.5, 0.5])  # integer factor: 2x2 box
+    np.testing.assert_allclose(
+        reference_atari.area_resize_matrix(168, 84)[3, 6:8], [0.5, 0.5]
+    )  # integer factor: 2x2 box
     image = np.random.default_rng(0).integers(0, 256, (210, 160)).astype(np.float32)
-    ours = dqn.area_resize_matrix(210, 84) @ image @ dqn.area_resize_matrix(160, 84).T
+    ours = reference_atari.area_resize_matrix(210, 84) @ image @ reference_atari.area_resize_matrix(160, 84).T
     np.testing.assert_allclose(ours, area_resize_reference(image, 84), atol=1e-3)
-    columns, weights = dqn.banded_taps(rows)  # the env applies the same weights as a few taps per pixel
+    columns, weights = reference_atari.banded_taps(rows)  # the env applies the same weights as a few taps per pixel
     assert columns.shape == (84, 3)
     np.testing.assert_allclose(np.einsum("ot,otw->ow", weights, image[columns]), rows @ image, rtol=1e-5)
 
@@ -34,13 +39,14 @@ def test_area_resize_matrix():
 def test_atari_env_follows_the_protocol():
     env = dqn.AtariEnv("pong")
     assert env.action_space.n == 6  # Pong's minimal action set, not the full 18
-    assert env.ale.getFloat("repeat_action_probability") == pytest.approx(0.25)
+    assert env.sticky == 0.25 and env.max_steps == 27_000  # Machado et al. 2018; 108k frames
     obs, _ = env.reset(seed=3)
     assert obs.shape == (84, 84) and obs.dtype == np.uint8
 
 
 def test_atari_frames_are_maxpooled_and_resized():
-    """Without sticky actions, replay the same actions on a second ALE and rebuild the frame independently."""
+    """Without sticky actions, replay the same actions on a second ALE and rebuild the frame independently: equal but
+    for OpenCV's rounding (ALE's own tests accept +-2 on at most 25 pixels)."""
     env = dqn.AtariEnv("breakout", sticky=0.0)
     env.reset(seed=1)
     ale = ale_py.ALEInterface()
@@ -60,7 +66,8 @@ def test_atari_frames_are_maxpooled_and_resized():
             frames.append(ale.getScreenGrayscale().copy())
         assert reward == total
         expected = area_resize_reference(np.maximum(frames[2], frames[3]), 84)
-        assert np.abs(obs.astype(float) - expected).max() <= 0.501  # rounding only
+        difference = np.abs(obs.astype(float) - expected)
+        assert difference.max() <= 2.5 and (difference > 0.501).sum() <= 25
         assert not terminated and not truncated
 
 
@@ -103,7 +110,7 @@ def test_dqn_target_and_loss(maybe_jit):
 
 
 def test_epsilon_schedule_matches_dopamine():
-    # SPEC 3: eps(t) = 0.01 + clip(0.99 (250k + 20k - t) / 250k, 0, 0.99)
+    # the paper's Table 2: eps(t) = 0.01 + clip(0.99 (250k + 20k - t) / 250k, 0, 0.99)
     for t in (0, 19_999, 20_000, 100_000, 269_999, 270_000, 5_000_000):
         expected = 0.01 + min(max(0.99 * (250_000 + 20_000 - t) / 250_000, 0.0), 0.99)
         assert dqn.linear_epsilon(t, 1.0, 0.01, 250_000, 20_000) == pytest.approx(expected)

@@ -3,6 +3,7 @@
 Hand-computed cases first, then a randomized comparison against an independent reference that keeps, for every
 write, which episode and step it holds, and derives stacks, n-step returns and validity from that record.
 """
+
 import numpy as np
 import pytest
 
@@ -14,8 +15,14 @@ def fill(rb, episodes):
     for e, (rewards, terminated) in enumerate(episodes):
         for t, r in enumerate(rewards):
             last = t == len(rewards) - 1
-            rb.add(np.array([e + 1, t + 1], np.float32), t % 3, r, terminated and last, (not terminated) and last,
-                   np.array([e + 1, t + 2], np.float32))
+            rb.add(
+                np.array([e + 1, t + 1], np.float32),
+                t % 3,
+                r,
+                terminated and last,
+                (not terminated) and last,
+                np.array([e + 1, t + 2], np.float32),
+            )
 
 
 def test_stack_is_zero_filled_at_episode_start():
@@ -75,8 +82,13 @@ class Reference:
         return write % self.capacity
 
     def stack_of(self, episode, t):
-        return np.stack([np.array([episode + 1, s + 1], np.float32) if s >= 0 else np.zeros(2, np.float32)
-                         for s in range(t - self.stack + 1, t + 1)], axis=-1)
+        return np.stack(
+            [
+                np.array([episode + 1, s + 1], np.float32) if s >= 0 else np.zeros(2, np.float32)
+                for s in range(t - self.stack + 1, t + 1)
+            ],
+            axis=-1,
+        )
 
     def expected(self):
         """{slot: (obs, action, return, discount, next_obs)} for every slot that may be sampled now."""
@@ -114,8 +126,14 @@ def test_buffer_matches_reference_through_wraparound(capacity, stack, n_step):
             reward = float(rng.integers(-2, 3))
             terminated = terminated_end and t == length - 1
             truncated = (not terminated_end) and t == length - 1
-            rb.add(np.array([episode + 1, t + 1], np.float32), t % 3, reward, terminated, truncated,
-                   np.array([episode + 1, t + 2], np.float32))
+            rb.add(
+                np.array([episode + 1, t + 1], np.float32),
+                t % 3,
+                reward,
+                terminated,
+                truncated,
+                np.array([episode + 1, t + 2], np.float32),
+            )
             ref.record(episode, t, reward, terminated, truncated)
             expected = ref.expected()
             idx = np.arange(rb.size)

@@ -1,10 +1,12 @@
 """The sparse-training core of dqn_pruned.py: schedule, ERK, top-k, GMP, RigL/SET, static masks.
 
-Expected values come from SPEC.md (tables in 2.2 and 2.4, parameter counts in 1.2), METHODS.md 1.4, or are
+Expected values come from the papers (Zhu & Gupta 2017's schedule, Evci et al. 2020's ERK, Graesser et al. 2022's
+densities, Dopamine's network sizes), or are
 computed by hand / in NumPy inside the test. Functions that run inside the jitted update are checked both
 eagerly and under jax.jit (the `maybe_jit` fixture). The schedule and ERK are host-side Python (float64, exact
 integer counts) and never run under jit; what they feed into the jitted mask computation is checked end to end.
 """
+
 import math
 
 import jax
@@ -14,12 +16,13 @@ import optax
 import pytest
 
 import dqn_pruned as dqn
+from common import metrics
 
-# ----------------------------------------------------------------------------- schedule (SPEC 2.2)
+# ----------------------------------------------------------------------------- schedule (Zhu & Gupta 2017; JaxPruner)
 
 
 def test_gmp_schedule_matches_spec_table():
-    # The paper's run: G = 2.5M gradient steps, t_start = 500k, t_end = 2M; SPEC 2.2 gives s at each 10% of training.
+    # The paper's run: G = 2.5M gradient steps, t_start = 500k, t_end = 2M; the cubic schedule gives s at each 10% of training.
     total, t_start, t_end = 2_500_000, 500_000, 2_000_000
     table = {0.2: 0.0, 0.3: 0.400, 0.4: 0.669, 0.5: 0.831, 0.6: 0.915, 0.7: 0.946, 0.8: 0.950, 0.9: 0.950}
     for fraction, expected in table.items():
@@ -28,7 +31,7 @@ def test_gmp_schedule_matches_spec_table():
 
 def test_gmp_schedule_formula_and_plus_one_offset():
     t_start, t_end = 10, 30
-    for step in range(0, 40):
+    for step in range(40):
         p = min(max(step + 1 - t_start, 0), t_end - t_start) / (t_end - t_start)
         assert dqn.gmp_schedule(step, t_start, t_end) == pytest.approx(1 - (1 - p) ** 3, abs=1e-12)
     assert dqn.gmp_schedule(t_start - 1, t_start, t_end) == 0.0  # before the window: dense
@@ -46,7 +49,7 @@ def test_cosine_drop_fraction():
 
 
 def test_mask_update_steps():
-    steps = [c for c in range(0, 60) if dqn.is_mask_update_step("gmp", c, 10, 45, 10)]
+    steps = [c for c in range(60) if dqn.is_mask_update_step("gmp", c, 10, 45, 10)]
     assert steps == [10, 20, 30, 40, 45]  # every 10 from t_start, plus t_end so the target is reached
     for method in ("static", "none"):
         assert not any(dqn.is_mask_update_step(method, c, 0, 100, 1) for c in range(200))
@@ -57,14 +60,14 @@ def test_num_grad_steps_matches_a_loop():
     for total, starts, freq in [(100, 10, 4), (101, 12, 4), (50, 0, 1), (10_000, 333, 7), (30, 29, 4)]:
         expected = sum(1 for t in range(total) if t >= starts and t % freq == 0)
         assert dqn.num_grad_steps(total, starts, freq) == expected
-    # the paper's run: (10M - 20k) / 4 = 2.495M gradient steps, so 20%/80% are ~500k/2M (SPEC 2.2)
+    # the paper's run: (10M - 20k) / 4 = 2.495M gradient steps, so 20%/80% are ~500k/2M (JaxPruner's dqn.gin: 500k/2M)
     args = dqn.Args()
     assert dqn.num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency) == 2_495_000
     assert dqn.prune_window(args) == (499_000, 1_996_000, 1000)
     assert dqn.prune_window(dqn.Args(pruning_method="rigl")) == (0, 1_996_000, 5000)
 
 
-# ---------------------------------------------------------------------------------- ERK (SPEC 2.4)
+# ---------------------------------------------------------------------------------- ERK (Evci et al. 2020)
 
 
 def impala_params(width: int, actions: int = 18, scale_dense: bool = False):
@@ -76,7 +79,7 @@ def impala_params(width: int, actions: int = 18, scale_dense: bool = False):
 @pytest.mark.parametrize("width, kernels, biases", [(1, 2_089_024, 930), (3, 6_829_248, 1_730), (5, 12_343_616, 2_530)])
 def test_impala_parameter_counts(width, kernels, biases):
     leaves = jax.tree.leaves(impala_params(width))
-    assert sum(p.size for p in leaves if p.ndim > 1) == kernels  # SPEC 1.2
+    assert sum(p.size for p in leaves if p.ndim > 1) == kernels  # Dopamine's ImpalaDQNNetwork
     assert sum(p.size for p in leaves if p.ndim == 1) == biases
     assert sum(p.ndim > 1 for p in leaves) == 17  # 15 convs + dense + output
 
@@ -95,20 +98,22 @@ def test_erk_impala_width3_matches_spec():
     assert targets["q"]["bias"] == 0.0 and t["stack0_conv"]["bias"] == 0.0  # biases are never pruned
     # the kept weights equal the uniform budget sum_l (N_l - floor(0.95 N_l)): 0.95 to within one weight per layer
     kernels = sum(p.size for p in jax.tree.leaves(params) if p.ndim > 1)
-    assert dqn.overall_sparsity(params, targets) == pytest.approx(0.95, abs=17 / kernels)
+    assert metrics.overall_sparsity(params, targets) == pytest.approx(0.95, abs=17 / kernels)
 
 
 def test_erk_at_99_prunes_the_output_layer():
     targets = dqn.target_sparsities(impala_params(3), 0.99, "erk")
-    assert targets["q"]["kernel"] == pytest.approx(0.74, abs=0.01)  # SPEC 2.4: "the output layer becomes 74% sparse"
+    assert targets["q"]["kernel"] == pytest.approx(
+        0.74, abs=0.01
+    )  # the output layer becomes about 74% sparse under ERK
 
 
 def test_erk_nature_cnn_matches_methods_table():
     network = dqn.QNetwork(18, "cnn", 1, False, True, True)
     params = jax.eval_shape(network.init, jax.random.key(0), jnp.zeros((1, 84, 84, 4), jnp.uint8))["params"]
-    assert params["dense"]["kernel"].shape == (7744, 512)  # SAME padding (SPEC 1.3)
+    assert params["dense"]["kernel"].shape == (7744, 512)  # SAME padding (Dopamine's NatureDQNNetwork)
     targets = dqn.target_sparsities(params, 0.95, "erk")
-    expected = [0.856, 0.928, 0.918]  # METHODS 1.4, "SAME padding (7744)" row
+    expected = [0.856, 0.928, 0.918]  # Graesser et al. 2022's ERK densities, SAME padding (7744)
     for i, value in enumerate(expected):
         assert targets["torso"][f"conv{i}"]["kernel"] == pytest.approx(value, abs=1e-3)
     assert targets["dense"]["kernel"] == pytest.approx(0.953, abs=1e-3)
@@ -172,14 +177,23 @@ def test_keep_top_k_matches_numpy_stable_argsort(maybe_jit):
 
 def small_params(key):
     k1, k2 = jax.random.split(key)
-    return {"conv": {"kernel": jax.random.normal(k1, (3, 3, 4, 8)), "bias": jnp.ones(8)},
-            "dense": {"kernel": jax.random.normal(k2, (72, 10)), "bias": jnp.ones(10)}}
+    return {
+        "conv": {"kernel": jax.random.normal(k1, (3, 3, 4, 8)), "bias": jnp.ones(8)},
+        "dense": {"kernel": jax.random.normal(k2, (72, 10)), "bias": jnp.ones(10)},
+    }
 
 
 def init_state(params, masks, tx, seed=0):
     params = dqn.apply_masks(params, masks)
-    return dqn.TrainState(params=params, target_params=params, masks=masks, opt_state=tx.init(params),
-                          grad_step=jnp.zeros((), jnp.int32), key=jax.random.key(seed))
+    return dqn.TrainState(
+        params=params,
+        target_params=params,
+        masks=masks,
+        opt_state=tx.init(params),
+        grad_step=jnp.zeros((), jnp.int32),
+        key=jax.random.PRNGKey(seed),
+        finite=jnp.ones((), bool),
+    )
 
 
 def random_masked_state(mask_seed: int, sparsity: float):
@@ -205,7 +219,7 @@ def run_gmp(maybe_jit, steps=60, t_start=10, t_end=40, frequency=5, sparsity=0.9
     params = small_params(jax.random.key(0))
     targets = dqn.target_sparsities(params, sparsity, "erk")
     state = init_state(params, ones_like(params), tx)
-    step = maybe_jit(lambda state, grads, counts: dqn.sparse_step(state, grads, counts, tx, "gmp"))
+    step = maybe_jit(lambda state, grads, counts: dqn.sparse_step(state, 0.0, grads, counts, tx, "gmp"))
     history, key = [], jax.random.key(1)
     for c in range(steps):
         key, grad_key = jax.random.split(key)
@@ -252,7 +266,7 @@ def test_gmp_reaches_target_and_nonzeros_constant_after_end(maybe_jit):
 
 def test_pruned_weights_stay_zero_after_1000_adam_steps(maybe_jit):
     tx, _, masks, state = random_masked_state(3, 0.9)
-    step = maybe_jit(lambda state, grads: dqn.sparse_step(state, grads, None, tx, "gmp"))
+    step = maybe_jit(lambda state, grads: dqn.sparse_step(state, 0.0, grads, None, tx, "gmp"))
     key = jax.random.key(4)
     for _ in range(1000):
         key, grad_key = jax.random.split(key)
@@ -283,7 +297,7 @@ def test_rigl_drop_and_grow_by_hand(maybe_jit):
 def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
     b1, b2 = 0.9, 0.999  # optax.adam defaults
     tx, targets, _, state = random_masked_state(5, 0.8)
-    step = maybe_jit(lambda state, grads, counts: dqn.sparse_step(state, grads, counts, tx, method))
+    step = maybe_jit(lambda state, grads, counts: dqn.sparse_step(state, 0.0, grads, counts, tx, method))
     key = jax.random.key(6)
     for c in range(30):  # warm Adam's moments up everywhere (they are not masked)
         key, grad_key = jax.random.split(key)
@@ -302,12 +316,18 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
         grew_any |= grown.any()
         g = np.asarray(grads[name]["kernel"])
         # a grown weight starts at 0 with fresh moments, then takes this step: mu = (1-b1) g, nu = (1-b2) g^2
-        np.testing.assert_allclose(np.asarray(new.opt_state[0].mu[name]["kernel"])[grown], (1 - b1) * g[grown], rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(new.opt_state[0].nu[name]["kernel"])[grown], (1 - b2) * g[grown] ** 2, rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(new.opt_state[0].mu[name]["kernel"])[grown], (1 - b1) * g[grown], rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            np.asarray(new.opt_state[0].nu[name]["kernel"])[grown], (1 - b2) * g[grown] ** 2, rtol=1e-5
+        )
         # a weight that stayed active keeps its accumulated moments
         stayed = (new_m == 1) & (old_m == 1)
         expected_mu = b1 * np.asarray(state.opt_state[0].mu[name]["kernel"]) + (1 - b1) * g
-        np.testing.assert_allclose(np.asarray(new.opt_state[0].mu[name]["kernel"])[stayed], expected_mu[stayed], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(new.opt_state[0].mu[name]["kernel"])[stayed], expected_mu[stayed], rtol=1e-4, atol=1e-7
+        )
         assert np.all(np.asarray(new.params[name]["kernel"])[new_m == 0] == 0)
         if method == "rigl":  # grown = the largest |grad| among the weights not kept
             kept = (old_m == 1) & (new_m == 1)
@@ -316,7 +336,7 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
 
 
 def test_rigl_drop_count_uses_the_active_weights():
-    """METHODS 1.3: n_drop = floor(n_active * f), also for Bernoulli masks whose n_active is not the target count."""
+    """RigL (Evci et al. 2020): n_drop = floor(n_active * f), also for Bernoulli masks whose n_active is not the target count."""
     masks = {"w": np.zeros((20, 10), np.uint8), "b": np.ones(10, np.uint8)}
     masks["w"].reshape(-1)[:95] = 1
     counts = dqn.mask_update_counts("rigl", masks, {"w": 0.5, "b": 0.0}, 50, 0, 100, 0.6)
@@ -325,7 +345,7 @@ def test_rigl_drop_count_uses_the_active_weights():
 
 def test_static_masks_never_change(maybe_jit):
     tx, _, masks, state = random_masked_state(7, 0.9)
-    step = maybe_jit(lambda state, grads: dqn.sparse_step(state, grads, None, tx, "static"))
+    step = maybe_jit(lambda state, grads: dqn.sparse_step(state, 0.0, grads, None, tx, "static"))
     for i in range(50):
         state = step(state, random_grads(jax.random.key(i), state.params))
     for new, old, p in zip(jax.tree.leaves(state.masks), jax.tree.leaves(masks), jax.tree.leaves(state.params)):
@@ -354,11 +374,32 @@ def test_random_masks_exact_and_bernoulli():
 
 
 def test_sparsity_summary(maybe_jit):
-    params = {"a": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.array([0.0, 2.0])},
-              "b": {"kernel": jnp.ones((2, 3))}}
-    summary = maybe_jit(dqn.sparsity_summary)(params)
+    params = {
+        "a": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.array([0.0, 2.0])},
+        "b": {"kernel": jnp.ones((2, 3))},
+    }
+    summary = maybe_jit(metrics.sparsity_summary)(params)
     assert float(summary["pruning/layer/a/kernel"]) == pytest.approx(0.75)
     assert float(summary["pruning/layer/b/kernel"]) == pytest.approx(0.0)
     assert float(summary["pruning/kernel_sparsity"]) == pytest.approx(3 / 10)
     assert float(summary["pruning/total_sparsity"]) == pytest.approx(4 / 12)
     assert "pruning/layer/a/bias" not in summary
+
+
+def test_a_non_finite_loss_is_refused_on_the_device(maybe_jit):
+    """sparse_step keeps the state of a step whose loss is not finite (params, Adam, masks, step count, key), sets the
+    flag, and stays frozen after it even for finite losses; a finite step before it changes the params."""
+    params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+    tx = optax.adam(0.1)
+    state, _ = dqn.init_train_state(
+        dqn.Args(pruning_method="none"), params, tx, np.random.default_rng(0), jax.random.PRNGKey(0)
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    step = maybe_jit(lambda state, loss: dqn.sparse_step(state, loss, grads, None, tx, "none"))
+    good = step(state, jnp.float32(1.0))
+    assert bool(good.finite) and int(good.grad_step) == 1 and not np.allclose(good.params["w"], 1.0)
+    for loss in (jnp.nan, jnp.inf, 1.0):  # refused, then frozen
+        refused = step(good, jnp.float32(loss)) if loss != 1.0 else step(refused, jnp.float32(loss))
+        assert not bool(refused.finite)
+        for a, b in zip(jax.tree.leaves(good.replace(finite=False)), jax.tree.leaves(refused)):
+            np.testing.assert_array_equal(a, b)

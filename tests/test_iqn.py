@@ -1,5 +1,6 @@
 """iqn_pruned.py and miqn_pruned.py against independent computations: the quantile Huber loss, the IQN and
 Munchausen targets, the quantile network, the whole update, ERK on the IQN head, and the two files' diff."""
+
 import difflib
 import os
 import re
@@ -9,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import ROOT
 
 import iqn_pruned as iqn
 import miqn_pruned as miqn
-from conftest import ROOT
+from common import metrics
 
 
 # ------------------------------------------------------------------------------------ quantile Huber loss
@@ -46,17 +48,23 @@ def test_quantile_huber_loss_against_double_loop(maybe_jit, kappa):
     taus = rng.uniform(0, 1, (batch, n))
     deltas = np.abs(target[:, None, :] - pred[:, :, None])
     assert (deltas <= kappa).any() and (deltas > kappa).any()  # both sides of kappa are exercised
-    loss = maybe_jit(iqn.quantile_huber_loss, static_argnames="kappa")(*(jnp.asarray(a, jnp.float32) for a in (pred, target, taus)), kappa=kappa)
+    loss = maybe_jit(iqn.quantile_huber_loss, static_argnames="kappa")(
+        *(jnp.asarray(a, jnp.float32) for a in (pred, target, taus)), kappa=kappa
+    )
     assert loss.shape == (batch,)
     np.testing.assert_allclose(loss, quantile_huber_reference(pred, target, taus, kappa), rtol=1e-5)
     # the gradient flows into the online quantiles only
-    grad_target = jax.grad(lambda t: iqn.quantile_huber_loss(jnp.asarray(pred), t, jnp.asarray(taus), kappa).sum())(jnp.asarray(target))
+    grad_target = jax.grad(lambda t: iqn.quantile_huber_loss(jnp.asarray(pred), t, jnp.asarray(taus), kappa).sum())(
+        jnp.asarray(target)
+    )
     assert np.all(grad_target == 0)
 
 
 # ------------------------------------------------------------------------------------------------ targets
 def test_iqn_targets_by_hand(maybe_jit):
-    next_quantiles = jnp.array([[[1.0, 5.0], [2.0, 6.0], [3.0, 7.0]], [[9.0, 0.0], [8.0, 1.0], [7.0, 2.0]]])  # (B=2, N'=3, A=2)
+    next_quantiles = jnp.array(
+        [[[1.0, 5.0], [2.0, 6.0], [3.0, 7.0]], [[9.0, 0.0], [8.0, 1.0], [7.0, 2.0]]]
+    )  # (B=2, N'=3, A=2)
     q_next = jnp.array([[0.0, 1.0], [3.0, -1.0]])  # a* = 1 for the first transition, 0 for the second
     y = maybe_jit(iqn.iqn_targets)(jnp.array([1.0, -1.0]), jnp.array([0.5, 0.0]), next_quantiles, q_next)
     np.testing.assert_allclose(y, [[1 + 0.5 * 5, 1 + 0.5 * 6, 1 + 0.5 * 7], [-1.0, -1.0, -1.0]])
@@ -64,6 +72,7 @@ def test_iqn_targets_by_hand(maybe_jit):
 
 def munchausen_reference(rewards, discounts, actions, next_quantiles, q_current, q_next, tau, alpha, clip_min):
     """Vieillard et al. 2020 written out in float64 with the plain log-softmax."""
+
     def log_pi(q):
         z = q / tau
         return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
@@ -80,30 +89,49 @@ def munchausen_reference(rewards, discounts, actions, next_quantiles, q_current,
 
 def munchausen_inputs(seed, batch=4, n_prime=6, actions=3):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=batch), np.array([0.97, 0.0, 0.9, 0.97])[:batch], rng.integers(0, actions, batch),
-            rng.normal(size=(batch, n_prime, actions)), rng.normal(0, 0.1, (batch, actions)), rng.normal(0, 0.1, (batch, actions)))
+    return (
+        rng.normal(size=batch),
+        np.array([0.97, 0.0, 0.9, 0.97])[:batch],
+        rng.integers(0, actions, batch),
+        rng.normal(size=(batch, n_prime, actions)),
+        rng.normal(0, 0.1, (batch, actions)),
+        rng.normal(0, 0.1, (batch, actions)),
+    )
 
 
 @pytest.mark.parametrize("tau, alpha, clip_min", [(0.03, 0.9, -1.0), (1.0, 0.5, -0.2), (0.1, 0.9, -10.0)])
 def test_munchausen_targets_against_reference(maybe_jit, tau, alpha, clip_min):
     inputs = munchausen_inputs(int(tau * 100))
     targets = maybe_jit(miqn.munchausen_targets, static_argnames=("tau", "alpha", "clip_min"))(
-        *(jnp.asarray(a) for a in inputs), tau=tau, alpha=alpha, clip_min=clip_min)
+        *(jnp.asarray(a) for a in inputs), tau=tau, alpha=alpha, clip_min=clip_min
+    )
     assert targets.shape == (4, 6)
     np.testing.assert_allclose(targets, munchausen_reference(*inputs, tau, alpha, clip_min), rtol=1e-4, atol=1e-5)
 
 
 def test_munchausen_bonus_is_clipped():
-    rewards, discounts, actions, next_quantiles, q_current, q_next = munchausen_inputs(7)
+    rewards, discounts, _, next_quantiles, q_current, q_next = munchausen_inputs(7)
     q_current = np.array([[0.0, 5.0, 5.0]] * 4)  # action 0 is far from greedy: tau log pi(0|s) = -5 - tau log 2 < l_0
-    y = miqn.munchausen_targets(*(jnp.asarray(a) for a in (rewards, discounts, np.zeros(4, int), next_quantiles, q_current, q_next)), 1.0, 0.9, -1.0)
-    y0 = miqn.munchausen_targets(*(jnp.asarray(a) for a in (rewards, discounts, np.zeros(4, int), next_quantiles, q_current, q_next)), 1.0, 0.0, -1.0)
+    y = miqn.munchausen_targets(
+        *(jnp.asarray(a) for a in (rewards, discounts, np.zeros(4, int), next_quantiles, q_current, q_next)),
+        1.0,
+        0.9,
+        -1.0,
+    )
+    y0 = miqn.munchausen_targets(
+        *(jnp.asarray(a) for a in (rewards, discounts, np.zeros(4, int), next_quantiles, q_current, q_next)),
+        1.0,
+        0.0,
+        -1.0,
+    )
     np.testing.assert_allclose(y - y0, -0.9, atol=1e-5)  # the bonus is alpha * l_0
 
 
 def test_munchausen_reduces_to_iqn_with_alpha_0_and_small_tau():
     rewards, discounts, actions, next_quantiles, q_current, q_next = (jnp.asarray(a) for a in munchausen_inputs(3))
-    munchausen = miqn.munchausen_targets(rewards, discounts, actions, next_quantiles, q_current, q_next, 1e-5, 0.0, -1.0)
+    munchausen = miqn.munchausen_targets(
+        rewards, discounts, actions, next_quantiles, q_current, q_next, 1e-5, 0.0, -1.0
+    )
     assert np.all(np.isfinite(munchausen))  # the scaled log-softmax is stable at tiny temperatures
     np.testing.assert_allclose(munchausen, iqn.iqn_targets(rewards, discounts, next_quantiles, q_next), atol=1e-5)
 
@@ -114,12 +142,15 @@ def test_scaled_log_softmax_is_stable():
     assert np.all(np.isfinite(out))
     z = np.array([[1000.0, 999.0, -1000.0]]) / 0.03  # float64 reference: tau * log softmax(q / tau)
     expected = 0.03 * (z - z.max() - np.log(np.exp(z - z.max()).sum()))
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)  # q - tau logsumexp(q / tau) in float32 is off by 6e-5 here
+    np.testing.assert_allclose(
+        out, expected, rtol=1e-6, atol=1e-6
+    )  # q - tau logsumexp(q / tau) in float32 is off by 6e-5 here
 
 
 # ---------------------------------------------------------------------------------------- network, update
 def mlp_forward_reference(params, obs, taus, dim):
-    """The IQN network of SPEC 1.4 on the MLP torso, in NumPy from the params."""
+    """The implicit quantile network (Dabney et al. 2018, Sec. 3; Dopamine's ImplicitQuantileNetwork) on the MLP
+    torso, in NumPy from the params."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     relu = lambda x: np.maximum(x, 0)
     phi = relu(obs.reshape(len(obs), -1) @ p["torso"]["fc"]["kernel"] + p["torso"]["fc"]["bias"])  # (B, d)
@@ -146,19 +177,38 @@ def test_update_loss_against_numpy(module):
     """The jitted update's loss equals a NumPy recomputation from the same quantile fractions (re-derived from the
     state's key as the update derives them): target, quantile Huber loss, batch mean."""
     rng = np.random.default_rng(1)
-    args = module.Args(env_id="CartPole-v1", network="mlp", num_tau_samples=5, num_tau_prime_samples=7, num_quantile_samples=3,
-                       quantile_embedding_dim=8, kappa=1.0)
+    args = module.Args(
+        env_id="CartPole-v1",
+        network="mlp",
+        num_tau_samples=5,
+        num_tau_prime_samples=7,
+        num_quantile_samples=3,
+        quantile_embedding_dim=8,
+        kappa=1.0,
+    )
     network = module.IQNNetwork(2, "mlp", 1, False, True, True, 8)
     batch_size = 6
     obs, next_obs = (rng.normal(size=(batch_size, 4, 1)).astype(np.float32) for _ in range(2))
     params = network.init(jax.random.key(0), obs, np.zeros((1, 1), np.float32))["params"]
     target_params = network.init(jax.random.key(1), obs, np.zeros((1, 1), np.float32))["params"]
-    batch = module.Batch(obs, rng.integers(0, 2, batch_size).astype(np.int32), rng.normal(size=batch_size).astype(np.float32),
-                         np.array([0.9, 0.0, 0.81, 0.9, 0.9, 0.0], np.float32), next_obs)
+    batch = module.Batch(
+        obs,
+        rng.integers(0, 2, batch_size).astype(np.int32),
+        rng.normal(size=batch_size).astype(np.float32),
+        np.array([0.9, 0.0, 0.81, 0.9, 0.9, 0.0], np.float32),
+        next_obs,
+    )
     tx = optax.adam(1e-3)
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
-    state = module.TrainState(params=params, target_params=target_params, masks=masks, opt_state=tx.init(params),
-                              grad_step=jnp.zeros((), jnp.int32), key=jax.random.key(2))
+    state = module.TrainState(
+        params=params,
+        target_params=target_params,
+        masks=masks,
+        opt_state=tx.init(params),
+        grad_step=jnp.zeros((), jnp.int32),
+        key=jax.random.PRNGKey(2),
+        finite=jnp.ones((), bool),
+    )
     _, metrics = module.make_update(module.make_loss(network, args), tx, "none")(state, batch, None)
 
     loss_key, _ = jax.random.split(state.key)
@@ -170,7 +220,9 @@ def test_update_loss_against_numpy(module):
     if module is miqn:
         current_taus = np.asarray(jax.random.uniform(keys[2], (batch_size, 3)), np.float64)
         q_current = mlp_forward_reference(target_params, obs, current_taus, 8).mean(1)
-        targets = munchausen_reference(batch.rewards, batch.discounts, batch.actions, next_quantiles, q_current, q_next, 0.03, 0.9, -1.0)
+        targets = munchausen_reference(
+            batch.rewards, batch.discounts, batch.actions, next_quantiles, q_current, q_next, 0.03, 0.9, -1.0
+        )
     else:
         best = q_next.argmax(-1)
         targets = batch.rewards[:, None] + batch.discounts[:, None] * next_quantiles[np.arange(batch_size), :, best]
@@ -181,21 +233,26 @@ def test_update_loss_against_numpy(module):
 
 
 def test_iqn_head_erk_sparsity():
-    """SPEC 2.4 (Impala k=3, 95%): the quantile-embedding kernel about 0.78, the dense layer 0.971, the output 0-0.19."""
+    """ERK (Evci et al. 2020; JaxPruner's sparsity_distributions.py) at 95% on the IQN head of the Impala torso, k=3:
+    the quantile-embedding kernel about 0.78 sparse, the dense layer 0.971, the output 0-0.19 (the ERK formula worked
+    out for these shapes)."""
     network = iqn.IQNNetwork(18, "resnet", 3, False, True, True, 64)
-    shapes = jax.eval_shape(network.init, jax.random.key(0), jnp.zeros((1, 84, 84, 4), jnp.uint8), jnp.zeros((1, 2)))["params"]
+    shapes = jax.eval_shape(network.init, jax.random.key(0), jnp.zeros((1, 84, 84, 4), jnp.uint8), jnp.zeros((1, 2)))[
+        "params"
+    ]
     targets = iqn.target_sparsities(shapes, 0.95, "erk")
     assert shapes["quantile_embedding"]["kernel"].shape == (64, 11 * 11 * 96)
     assert targets["quantile_embedding"]["kernel"] == pytest.approx(0.78, abs=0.01)
     assert targets["dense"]["kernel"] == pytest.approx(0.971, abs=0.001)
     assert 0.0 <= targets["q"]["kernel"] <= 0.19
-    assert iqn.overall_sparsity(shapes, targets) == pytest.approx(0.95, abs=1e-5)
+    assert metrics.overall_sparsity(shapes, targets) == pytest.approx(0.95, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------- miqn vs iqn diff
 def test_miqn_differs_from_iqn_only_in_munchausen_parts():
-    """STYLE P3: `diff iqn_pruned.py miqn_pruned.py` touches only the module docstring, the Args fields and checks,
-    and the algorithm section (the target and its call)."""
+    """`diff iqn_pruned.py miqn_pruned.py` touches only the module docstring, the Args fields and checks, and the
+    algorithm section (the target and its call)."""
+
     def read(name):
         with open(os.path.join(ROOT, name)) as f:
             return f.read().splitlines()
@@ -216,6 +273,10 @@ def test_miqn_differs_from_iqn_only_in_munchausen_parts():
             changed += [sections_a[i] for i in range(i1, i2)] + [sections_b[j] for j in range(j1, j2)]
             changed += [sections_b[j1] if j1 < len(b) else "end"]  # where an insertion lands
     assert set(changed) <= {"docstring", "Args", "algorithm: IQN", "algorithm: M-IQN"}, set(changed)
-    diff_lines = sum(1 for line in difflib.unified_diff(a, b, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+    diff_lines = sum(
+        1
+        for line in difflib.unified_diff(a, b, lineterm="", n=0)
+        if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    )
     print(f"diff iqn_pruned.py miqn_pruned.py: {diff_lines} changed lines")
     assert diff_lines < 70  # a budget: the two files should stay a small diff apart

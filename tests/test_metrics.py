@@ -1,5 +1,6 @@
 """common/metrics.py against hand-computed values on tiny inputs (eager and jitted), and each script's analysis against an
 independent recomputation (NumPy forward pass, one jax.grad per transition)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +62,12 @@ def test_srank_of_matrices_with_known_spectra(maybe_jit):
 def test_norms_and_target_variance_by_hand(maybe_jit):
     params = {"a": {"kernel": np.array([[3.0, 0.0], [0.0, 4.0]], np.float32)}, "b": np.array([12.0], np.float32)}
     assert float(maybe_jit(metrics.param_norm)(params)) == pytest.approx(13.0)  # sqrt(9 + 16 + 144)
-    assert float(maybe_jit(metrics.q_norm)(np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], np.float32))) == pytest.approx(2.0)  # (5 + 0 + 1) / 3
-    assert float(maybe_jit(metrics.target_variance)(np.array([1.0, 2.0, 3.0, 6.0], np.float32))) == pytest.approx(3.5)  # mean 3: (4+1+0+9)/4
+    assert float(
+        maybe_jit(metrics.q_norm)(np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], np.float32))
+    ) == pytest.approx(2.0)  # (5 + 0 + 1) / 3
+    assert float(maybe_jit(metrics.target_variance)(np.array([1.0, 2.0, 3.0, 6.0], np.float32))) == pytest.approx(
+        3.5
+    )  # mean 3: (4+1+0+9)/4
 
 
 def test_gradient_covariance_orthogonal_identical_opposite(maybe_jit):
@@ -88,9 +93,13 @@ def test_gradient_covariance_orthogonal_identical_opposite(maybe_jit):
 
 
 def small_batch(rng, size: int, actions: int) -> dqn.Batch:
-    return dqn.Batch(rng.normal(size=(size, 4, 1)).astype(np.float32), rng.integers(0, actions, size).astype(np.int32),
-                     rng.normal(size=size).astype(np.float32), np.where(rng.random(size) < 0.3, 0.0, 0.99).astype(np.float32),
-                     rng.normal(size=(size, 4, 1)).astype(np.float32))
+    return dqn.Batch(
+        rng.normal(size=(size, 4, 1)).astype(np.float32),
+        rng.integers(0, actions, size).astype(np.int32),
+        rng.normal(size=size).astype(np.float32),
+        np.where(rng.random(size) < 0.3, 0.0, 0.99).astype(np.float32),
+        rng.normal(size=(size, 4, 1)).astype(np.float32),
+    )
 
 
 def relu(x):
@@ -110,12 +119,17 @@ def test_dqn_analysis_against_independent_computation():
     params = dqn.apply_masks(params, masks)
     params["torso"]["fc"]["bias"] = params["torso"]["fc"]["bias"].at[5:40].set(-10.0)  # 35 more dormant ones
     q_fn, loss_fn = dqn.make_q_fn(network), dqn.make_loss(network)
-    scalars, covariance = jax.device_get(dqn.make_analysis(q_fn, loss_fn, 5)(params, target_params, masks, batch, jax.random.key(5)))
+    scalars, covariance = jax.device_get(
+        metrics.make_analysis(q_fn, loss_fn, 5)(params, target_params, masks, batch, jax.random.key(5))
+    )
 
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     tp = jax.tree.map(lambda x: np.asarray(x, np.float64), target_params)
-    forward = lambda p, obs: (h1 := relu(obs[..., 0] @ p["torso"]["fc"]["kernel"] + p["torso"]["fc"]["bias"]),  # noqa: E731
-                              h2 := relu(h1 @ p["dense"]["kernel"] + p["dense"]["bias"]), h2 @ p["q"]["kernel"] + p["q"]["bias"])
+    forward = lambda p, obs: (
+        h1 := relu(obs[..., 0] @ p["torso"]["fc"]["kernel"] + p["torso"]["fc"]["bias"]),
+        h2 := relu(h1 @ p["dense"]["kernel"] + p["dense"]["bias"]),
+        h2 @ p["q"]["kernel"] + p["q"]["bias"],
+    )
     h1, h2, q = forward(p, batch.obs)
     y = batch.rewards + batch.discounts * forward(tp, batch.next_obs)[2].max(-1)
 
@@ -131,15 +145,21 @@ def test_dqn_analysis_against_independent_computation():
     assert scalars["metrics/dead/torso/fc"] == pytest.approx(5 / 256) and "metrics/dead/q" not in scalars
     sigma = np.linalg.svd(h2, compute_uv=False)
     assert scalars["metrics/srank"] == np.argmax(np.cumsum(sigma) / sigma.sum() >= 0.99) + 1
-    assert scalars["metrics/param_norm"] == pytest.approx(np.sqrt(sum((x**2).sum() for x in jax.tree.leaves(p))), rel=1e-5)
+    assert scalars["metrics/param_norm"] == pytest.approx(
+        np.sqrt(sum((x**2).sum() for x in jax.tree.leaves(p))), rel=1e-5
+    )
     assert scalars["metrics/q_norm"] == pytest.approx(np.linalg.norm(q, axis=-1).mean(), rel=1e-5)
     assert scalars["metrics/target_variance"] == pytest.approx(y.var(), rel=1e-4)
 
     grads = []
     for i in range(5):
-        one = dqn.Batch(*(field[i: i + 1] for field in batch))
+        one = dqn.Batch(*(field[i : i + 1] for field in batch))
         g = jax.grad(lambda params: loss_fn(params, target_params, one, None)[0])(params)
-        grads.append(np.concatenate([np.ravel(np.asarray(gl) * np.asarray(m)) for gl, m in zip(jax.tree.leaves(g), jax.tree.leaves(masks))]))
+        grads.append(
+            np.concatenate(
+                [np.ravel(np.asarray(gl) * np.asarray(m)) for gl, m in zip(jax.tree.leaves(g), jax.tree.leaves(masks))]
+            )
+        )
     grads = np.array(grads, np.float64)
     expected = grads @ grads.T / np.outer(np.linalg.norm(grads, axis=1), np.linalg.norm(grads, axis=1))
     np.testing.assert_allclose(covariance, expected, atol=1e-4)
@@ -147,17 +167,28 @@ def test_dqn_analysis_against_independent_computation():
     assert scalars["metrics/grad_interference"] == pytest.approx((expected[off] < 0).mean())
 
 
-@pytest.mark.parametrize("module, network, extra", [
-    (rainbow, rainbow.RainbowNetwork(3, 11, "mlp", 1, False, True, True), (jnp.linspace(-5.0, 5.0, 11),)),
-    (iqn, iqn.IQNNetwork(3, "mlp", 1, False, True, True, 8), None),
-    (cql, cql.DuelingC51Network(3, 11, "mlp", 1, True, True, True), (jnp.linspace(-5.0, 5.0, 11),)),
-], ids=["rainbow", "iqn", "cql-c51"])
+@pytest.mark.parametrize(
+    "module, network, extra",
+    [
+        (rainbow, rainbow.RainbowNetwork(3, 11, "mlp", 1, False, True, True), (jnp.linspace(-5.0, 5.0, 11),)),
+        (iqn, iqn.IQNNetwork(3, "mlp", 1, False, True, True, 8), None),
+        (cql, cql.DuelingC51Network(3, 11, "mlp", 1, True, True, True), (jnp.linspace(-5.0, 5.0, 11),)),
+    ],
+    ids=["rainbow", "iqn", "cql-c51"],
+)
 def test_other_heads_analysis(module, network, extra):
     """Every head's hidden layers are found (never its output layers), and its q_fn and targets feed the metrics."""
     rng = np.random.default_rng(6)
     batch = small_batch(rng, 8, 3)
     if module is iqn:
-        args = iqn.Args(env_id="CartPole-v1", network="mlp", num_tau_samples=4, num_tau_prime_samples=5, num_quantile_samples=3, quantile_embedding_dim=8)
+        args = iqn.Args(
+            env_id="CartPole-v1",
+            network="mlp",
+            num_tau_samples=4,
+            num_tau_prime_samples=5,
+            num_quantile_samples=3,
+            quantile_embedding_dim=8,
+        )
         params = network.init(jax.random.key(0), batch.obs, np.zeros((1, 1), np.float32))["params"]
         q_fn, loss_fn = iqn.make_q_fn(network, 3), iqn.make_loss(network, args)
     elif module is rainbow:
@@ -168,11 +199,11 @@ def test_other_heads_analysis(module, network, extra):
         params = network.init(jax.random.key(0), batch.obs)["params"]
         q_fn, loss_fn = cql.make_q_fn(network, args, *extra), cql.make_loss(network, args, *extra)
     masks = jax.tree.map(lambda p: np.ones(p.shape, np.uint8), params)
-    q, activations = module.hidden_activations(q_fn, params, batch.obs, jax.random.key(1))
+    q, activations = metrics.hidden_activations(q_fn, params, batch.obs, jax.random.key(1))
     expected_layers = {"torso/fc", "dense"} | ({"quantile_embedding"} if module is iqn else set())
     assert set(activations) == expected_layers
     assert q.shape == (8, 3)
-    scalars, covariance = module.make_analysis(q_fn, loss_fn, 4)(params, params, masks, batch, jax.random.key(1))
+    scalars, covariance = metrics.make_analysis(q_fn, loss_fn, 4)(params, params, masks, batch, jax.random.key(1))
     assert covariance.shape == (4, 4)
     assert np.all(np.diag(covariance) <= 1 + 1e-6) and np.all(np.diag(covariance) > 0.99)  # |g|^2 / (|g|^2 + 1e-6)
     assert float(scalars["metrics/q_norm"]) == pytest.approx(float(np.linalg.norm(q, axis=-1).mean()), rel=1e-5)
@@ -185,7 +216,7 @@ def test_by_action_orders_the_covariance_samples():
     """Only the first transitions (the gradient covariance's, a random subset of the batch) are ordered by action; the
     rest keep their places."""
     batch = small_batch(np.random.default_rng(7), 9, 3)
-    ordered = dqn.by_action(batch, 5)
+    ordered = metrics.by_action(batch, 5)
     assert list(ordered.actions[:5]) == sorted(batch.actions[:5])
     order = np.concatenate([np.argsort(batch.actions[:5], kind="stable"), np.arange(5, 9)])
     for field, original in zip(ordered, batch):

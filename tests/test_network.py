@@ -1,4 +1,5 @@
 """Networks of dqn_pruned.py (bias flags, dense scaling, shapes) and the file's own hygiene (flags, shared markers)."""
+
 import ast
 import os
 import re
@@ -6,9 +7,10 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import ROOT, args_docstrings
 
 import dqn_pruned as dqn
-from conftest import ROOT, args_docstrings
+from common import metrics
 
 
 def init(torso, width=1, scale_dense=False, use_bias=True, use_output_bias=True, obs_shape=(84, 84, 4)):
@@ -18,10 +20,12 @@ def init(torso, width=1, scale_dense=False, use_bias=True, use_output_bias=True,
 
 
 def leaf_names(params):
-    return [dqn.layer_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [metrics.layer_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-@pytest.mark.parametrize("torso, obs_shape", [("resnet", (84, 84, 4)), ("cnn", (84, 84, 4)), ("nature", (84, 84, 4)), ("mlp", (6, 1))])
+@pytest.mark.parametrize(
+    "torso, obs_shape", [("resnet", (84, 84, 4)), ("cnn", (84, 84, 4)), ("nature", (84, 84, 4)), ("mlp", (6, 1))]
+)
 def test_bias_flags(torso, obs_shape):
     _, params = init(torso, obs_shape=obs_shape)
     assert "q/bias" in leaf_names(params) and "dense/bias" in leaf_names(params)
@@ -36,7 +40,10 @@ def test_bias_flags(torso, obs_shape):
 def test_widths_and_dense_scaling():
     _, params = init("resnet", width=2)
     assert params["torso"]["stack0_conv"]["kernel"].shape == (3, 3, 4, 32)
-    assert params["dense"]["kernel"].shape == (11 * 11 * 64, 512)  # the dense layer stays at 512 (SPEC 1.2)
+    assert params["dense"]["kernel"].shape == (
+        11 * 11 * 64,
+        512,
+    )  # the dense layer stays at 512 (Dopamine's ImpalaDQNNetwork)
     _, params = init("resnet", width=2, scale_dense=True)
     assert params["dense"]["kernel"].shape == (11 * 11 * 64, 1024) and params["q"]["kernel"].shape == (1024, 5)
     _, params = init("mlp", width=3, obs_shape=(6, 1))
@@ -44,18 +51,25 @@ def test_widths_and_dense_scaling():
 
 
 def test_cnn_padding_same_and_valid():
-    """cnn: SPEC 1.3's SAME padding (21 -> 11 -> 11, dense 7744 x 512); nature: Mnih et al.'s VALID padding (20 -> 9 -> 7,
+    """cnn: Dopamine's SAME padding (21 -> 11 -> 11, dense 7744 x 512); nature: Mnih et al.'s VALID padding (20 -> 9 -> 7,
     dense 3136 x 512). The VALID torso equals three VALID convolutions computed by lax directly."""
     _, params = init("cnn")
     assert params["dense"]["kernel"].shape == (7744, 512)
     network, _ = init("nature", width=2)
     x = jax.random.randint(jax.random.key(1), (2, 84, 84, 4), 0, 256).astype(jnp.uint8)
     params = network.init(jax.random.key(0), x)["params"]
-    assert params["dense"]["kernel"].shape == (7 * 7 * 128, 512) and params["torso"]["conv0"]["kernel"].shape == (8, 8, 4, 64)
+    assert params["dense"]["kernel"].shape == (7 * 7 * 128, 512) and params["torso"]["conv0"]["kernel"].shape == (
+        8,
+        8,
+        4,
+        64,
+    )
     h = x.astype(jnp.float32) / 255.0
     for i, stride in enumerate((4, 2, 1)):
         conv = params["torso"][f"conv{i}"]
-        h = jax.lax.conv_general_dilated(h, conv["kernel"], (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.lax.conv_general_dilated(
+            h, conv["kernel"], (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         h = jax.nn.relu(h + conv["bias"][None, None, None, :])
     features = dqn.TORSOS["nature"](2, True).apply({"params": params["torso"]}, x)
     assert features.shape == (2, 7 * 7 * 128)
@@ -70,7 +84,9 @@ def test_q_values_shape_and_dtype():
     assert q.shape == (3, 5) and q.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("script", ["dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py", "cql_pruned.py"])
+@pytest.mark.parametrize(
+    "script", ["dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py", "cql_pruned.py"]
+)
 def test_every_flag_is_read_and_documented(script):
     """No flag that lies (STYLE P2): every Args field is read as args.<field> and has a docstring."""
     with open(os.path.join(ROOT, script)) as f:

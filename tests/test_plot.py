@@ -1,5 +1,6 @@
 """common/plot.py on synthetic runs (config.json + TensorBoard event files), against rliable called directly, and
 common/atari_scores.py's tables."""
+
 import csv
 import json
 import os
@@ -8,15 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from tensorboardX import SummaryWriter
 
 from common import atari_scores, plot
-from conftest import ROOT
 
 LENGTH = 1000  # env steps of every fake run
 
 
-def fake_run(runs_dir: str, script: str, env_id: str, method: str, sparsity: float, width: int, seed: int, returns: list) -> None:
+def fake_run(
+    runs_dir: str, script: str, env_id: str, method: str, sparsity: float, width: int, seed: int, returns: list
+) -> None:
     """A run directory as the scripts write it: config.json, and episodic returns at the given (step, return) pairs."""
     run_dir = os.path.join(runs_dir, f"{env_id.replace('/', '_')}__{script}__{seed}__{method}{sparsity}{width}")
     writer = SummaryWriter(run_dir)
@@ -24,15 +27,30 @@ def fake_run(runs_dir: str, script: str, env_id: str, method: str, sparsity: flo
         writer.add_scalar("charts/episodic_return", value, step)
         writer.add_scalar("charts/SPS", 100.0, step)
     writer.close()
-    config = {"env_id": env_id, "exp_name": "whatever", "script": script, "network": "cnn", "pruning_method": method,
-              "sparsity": sparsity, "width_scale": width, "seed": seed, "total_timesteps": LENGTH}
+    config = {
+        "env_id": env_id,
+        "exp_name": "whatever",
+        "script": script,
+        "network": "cnn",
+        "pruning_method": method,
+        "sparsity": sparsity,
+        "width_scale": width,
+        "seed": seed,
+        "total_timesteps": LENGTH,
+    }
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
 
 
 # (script, method, sparsity, width) -> final return offset, so every configuration scores differently
-CONFIGS = {("dqn_pruned.py", "none", 0.95, 1): 0.0, ("dqn_pruned.py", "gmp", 0.95, 1): 5.0, ("dqn_pruned.py", "gmp", 0.9, 1): 3.0,
-           ("dqn_pruned.py", "none", 0.95, 3): -2.0, ("dqn_pruned.py", "gmp", 0.95, 3): 8.0, ("rainbow_pruned.py", "gmp", 0.95, 1): 1.0}
+CONFIGS = {
+    ("dqn_pruned.py", "none", 0.95, 1): 0.0,
+    ("dqn_pruned.py", "gmp", 0.95, 1): 5.0,
+    ("dqn_pruned.py", "gmp", 0.9, 1): 3.0,
+    ("dqn_pruned.py", "none", 0.95, 3): -2.0,
+    ("dqn_pruned.py", "gmp", 0.95, 3): 8.0,
+    ("rainbow_pruned.py", "gmp", 0.95, 1): 1.0,
+}
 GAMES = {"ALE/Pong-v5": 3, "ALE/Breakout-v5": 4}  # game -> seeds (Breakout's fourth seed is dropped: Pong has 3)
 
 
@@ -47,27 +65,59 @@ def runs(tmp_path_factory) -> str:
     for config in CONFIGS:
         for game, seeds in GAMES.items():
             for seed in range(1, seeds + 1):
-                early = [(int(s), float(rng.normal(-25.0, 1.0))) for s in rng.integers(0, 900, 20)]  # before the last slice
+                early = [
+                    (int(s), float(rng.normal(-25.0, 1.0))) for s in rng.integers(0, 900, 20)
+                ]  # before the last slice
                 last = final_return(game, config, seed)
                 fake_run(runs_dir, *config[:1], game, *config[1:], seed, early + [(960, last - 1.0), (990, last + 1.0)])
         for seed in (1, 2):  # a classic-control suite of its own, raw returns
-            fake_run(runs_dir, config[0], "CartPole-v1", *config[1:], seed, [(100, 10.0), (995, 100.0 + CONFIGS[config] + seed)])
+            fake_run(
+                runs_dir,
+                config[0],
+                "CartPole-v1",
+                *config[1:],
+                seed,
+                [(100, 10.0), (995, 100.0 + CONFIGS[config] + seed)],
+            )
     os.makedirs(os.path.join(runs_dir, "not_a_run"))  # no config.json: ignored
     return runs_dir
 
 
 def test_plot_command_writes_figures_and_csv_matching_rliable(runs, tmp_path):
     out = tmp_path / "figures"
-    result = subprocess.run([sys.executable, "-m", "common.plot", runs, "--out", str(out), "--points", "10", "--reps", "2000",
-                             "--curve-reps", "200", "--seed", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "common.plot",
+            runs,
+            "--out",
+            str(out),
+            "--points",
+            "10",
+            "--reps",
+            "2000",
+            "--curve-reps",
+            "200",
+            "--seed",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for suite in ("atari", "CartPole-v1"):
         for name in ("curves", "iqm_vs_sparsity", "iqm_vs_width"):
             path = out / f"{name}_{suite}.png"
             assert path.stat().st_size > 5000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with open(out / "aggregates.csv") as f:
-        rows = {(r["suite"], r["script"], r["pruning_method"], float(r["sparsity"]), int(r["width"])): r for r in csv.DictReader(f)
-                if r["network"] == "cnn"}
+        rows = {
+            (r["suite"], r["script"], r["pruning_method"], float(r["sparsity"]), int(r["width"])): r
+            for r in csv.DictReader(f)
+            if r["network"] == "cnn"
+        }
     assert len(rows) == 2 * len(CONFIGS)
 
     from rliable import library as rly
@@ -75,23 +125,36 @@ def test_plot_command_writes_figures_and_csv_matching_rliable(runs, tmp_path):
 
     for config in CONFIGS:
         # the final score: the mean of the two returns in the last slice (900-999), human-normalized; seeds 1-3 in both games
-        scores = np.array([[atari_scores.human_normalized(game[4:-3], final_return(game, config, seed)) for game in sorted(GAMES)]
-                           for seed in (1, 2, 3)])  # (runs, games), games in name order
+        scores = np.array(
+            [
+                [atari_scores.human_normalized(game[4:-3], final_return(game, config, seed)) for game in sorted(GAMES)]
+                for seed in (1, 2, 3)
+            ]
+        )  # (runs, games), games in name order
         np.random.seed(3)  # rliable's bootstrap draws from NumPy's global generator
-        point, interval = rly.get_interval_estimates({"x": scores[..., None]}, lambda x: np.array([metrics.aggregate_iqm(x[..., 0])]), reps=2000)
+        point, interval = rly.get_interval_estimates(
+            {"x": scores[..., None]}, lambda x: np.array([metrics.aggregate_iqm(x[..., 0])]), reps=2000
+        )
         dense_sparsity = 0.0 if config[1] == "none" else config[2]
         row = rows[("atari", config[0], config[1], dense_sparsity, config[3])]
         assert (int(row["seeds"]), int(row["tasks"]), row["score"]) == (3, 2, "hns")
-        np.testing.assert_allclose([float(row["iqm"]), float(row["ci_low"]), float(row["ci_high"])],
-                                   [point["x"][0], interval["x"][0][0], interval["x"][1][0]], rtol=1e-6)  # float32 in the event files
+        np.testing.assert_allclose(
+            [float(row["iqm"]), float(row["ci_low"]), float(row["ci_high"])],
+            [point["x"][0], interval["x"][0][0], interval["x"][1][0]],
+            rtol=1e-6,
+        )  # float32 in the event files
         middle = np.sort(scores.ravel())[1:-1]  # IQM of 6 scores: trim_mean(0.25) drops int(1.5) = 1 at each end
         assert float(row["iqm"]) == pytest.approx(middle.mean(), rel=1e-6)
         cartpole = rows[("CartPole-v1", config[0], config[1], dense_sparsity, config[3])]
         assert float(cartpole["iqm"]) == pytest.approx(100.0 + CONFIGS[config] + 1.5)  # raw returns, mean of seeds 1, 2
     with open(out / "curves.csv") as f:
-        curve = [r for r in csv.DictReader(f) if r["suite"] == "atari" and r["pruning_method"] == "gmp" and r["width"] == "3"]
+        curve = [
+            r for r in csv.DictReader(f) if r["suite"] == "atari" and r["pruning_method"] == "gmp" and r["width"] == "3"
+        ]
     assert [int(r["step"]) for r in curve] == [100 * (i + 1) for i in range(10)]
-    assert float(curve[-1]["iqm"]) == pytest.approx(float(rows[("atari", "dqn_pruned.py", "gmp", 0.95, 3)]["iqm"]), rel=1e-9)
+    assert float(curve[-1]["iqm"]) == pytest.approx(
+        float(rows[("atari", "dqn_pruned.py", "gmp", 0.95, 3)]["iqm"]), rel=1e-9
+    )
 
 
 def test_sliced_scores_fill_empty_slices():
@@ -104,14 +167,26 @@ def test_sliced_scores_fill_empty_slices():
 def test_offline_evaluations_unfinished_and_repeated_runs(tmp_path, capsys):
     """cql_pruned.py logs an evaluation at the gradient steps done after each iteration (k * 250 of 1000 here): each
     lands in its own slice. An unfinished run and a second run of one configuration and seed are left out, saying so."""
+
     def offline_run(name: str, evaluations: list) -> None:
         run_dir = tmp_path / name
         writer = SummaryWriter(str(run_dir))
         for step, value in evaluations:
             writer.add_scalar("charts/eval_return", value, step)
         writer.close()
-        config = {"env_id": "CartPole-v1", "exp_name": "cql", "script": "cql_pruned.py", "c51": True, "network": "mlp", "pruning_method": "gmp",
-                  "sparsity": 0.9, "width_scale": 1, "seed": 1, "num_iterations": 4, "grad_steps_per_iteration": 250}
+        config = {
+            "env_id": "CartPole-v1",
+            "exp_name": "cql",
+            "script": "cql_pruned.py",
+            "c51": True,
+            "network": "mlp",
+            "pruning_method": "gmp",
+            "sparsity": 0.9,
+            "width_scale": 1,
+            "seed": 1,
+            "num_iterations": 4,
+            "grad_steps_per_iteration": 250,
+        }
         (run_dir / "config.json").write_text(json.dumps(config))
 
     offline_run("a", [(250, 10.0), (500, 20.0), (750, 30.0), (1000, 40.0)])
@@ -128,17 +203,27 @@ def test_offline_evaluations_unfinished_and_repeated_runs(tmp_path, capsys):
 
 
 def test_plot_refuses_an_empty_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "common.plot", str(tmp_path), "--out", str(tmp_path / "f")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "common.plot", str(tmp_path), "--out", str(tmp_path / "f")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "no runs with logged returns" in result.stderr
 
 
 def test_atari_tables():
     assert len(atari_scores.RANDOM_HUMAN) == 57 and len(atari_scores.GAMES_60) == 60
-    assert set(atari_scores.GAMES_15) <= set(atari_scores.RANDOM_HUMAN) and set(atari_scores.GAMES_100K) <= set(atari_scores.RANDOM_HUMAN)
+    assert set(atari_scores.GAMES_15) <= set(atari_scores.RANDOM_HUMAN) and set(atari_scores.GAMES_100K) <= set(
+        atari_scores.RANDOM_HUMAN
+    )
     assert len(set(atari_scores.GAMES_15)) == 15 and len(set(atari_scores.GAMES_100K)) == 26
     assert set(atari_scores.GAMES_60) - set(atari_scores.RANDOM_HUMAN) == set(atari_scores.NO_HUMAN_SCORE)
-    assert atari_scores.RANDOM_HUMAN["Pong"] == (-20.7, 14.6) and atari_scores.RANDOM_HUMAN["VideoPinball"] == (16256.9, 17667.9)
+    assert atari_scores.RANDOM_HUMAN["Pong"] == (-20.7, 14.6) and atari_scores.RANDOM_HUMAN["VideoPinball"] == (
+        16256.9,
+        17667.9,
+    )
     assert atari_scores.human_normalized("Breakout", 30.5) == pytest.approx(1.0)
     assert atari_scores.human_normalized("Breakout", 1.7) == pytest.approx(0.0)
     assert atari_scores.game_of("ALE/MsPacman-v5") == "MsPacman" and atari_scores.game_of("CartPole-v1") is None

@@ -1,22 +1,53 @@
-"""The sync check (STYLE P3): every marked shared section is byte-identical in every *_pruned.py script."""
+"""The sync check: every marked shared section is byte-identical in every *_pruned.py script."""
+
 import difflib
 import glob
 import os
 import re
 
 import pytest
-
 from conftest import ROOT
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "*_pruned.py")))
-MARKER = re.compile(r"^[ \t]*# -+ (end )?shared: (.+)$", flags=re.M)
+MARKER = re.compile(r"^[ \t]*# -+ (end )?shared: (.+)$", flags=re.MULTILINE)
 # The sections of dqn_pruned.py, in file order; every online agent has all of them.
-SECTIONS = ["experiment args", "pruning args", "analysis args", "checkpoint args", "arg checks", "environment", "network torso",
-            "batch", "replay buffer", "dataset format", "dataset writer", "sparse training", "analysis", "run helpers",
-            "run files", "checkpoints", "online loop", "command line"]
+SECTIONS = [
+    "experiment args",
+    "pruning args",
+    "analysis args",
+    "checkpoint args",
+    "arg checks",
+    "online checks",
+    "environment",
+    "network torso",
+    "batch",
+    "replay buffer",
+    "sparse training",
+    "schedules",
+    "setup",
+    "start or resume",
+    "act and store",
+    "log and checkpoint",
+    "run files",
+    "checkpoints",
+    "command line",
+]
 # The offline agent shares what does not belong to the online loop, and the C51 pieces with Rainbow.
-OFFLINE_SECTIONS = ["pruning args", "analysis args", "checkpoint args", "arg checks", "environment", "network torso", "q network",
-                    "batch", "dataset format", "sparse training", "categorical", "analysis", "run files", "checkpoints", "command line"]
+OFFLINE_SECTIONS = [
+    "pruning args",
+    "analysis args",
+    "checkpoint args",
+    "arg checks",
+    "environment",
+    "network torso",
+    "q network",
+    "batch",
+    "sparse training",
+    "categorical",
+    "run files",
+    "checkpoints",
+    "command line",
+]
 PAIRWISE = {"q network": "dqn_pruned.py", "categorical": "rainbow_pruned.py"}  # shared by that script and cql_pruned.py
 
 
@@ -30,14 +61,18 @@ def shared_sections(path: str) -> dict:
     for opening, closing in zip(markers[::2], markers[1::2]):
         name = opening.group(2)
         assert not opening.group(1), f"{path}: 'end shared: {name}' without an opening marker"
-        assert closing.group(1) and closing.group(2) == name, f"{path}: section {name!r} closed by {closing.group(0).strip()!r}"
+        assert closing.group(1) and closing.group(2) == name, (
+            f"{path}: section {name!r} closed by {closing.group(0).strip()!r}"
+        )
         assert name not in sections, f"{path}: section {name!r} appears twice"
-        sections[name] = text[opening.end():closing.start()]
+        sections[name] = text[opening.end() : closing.start()]
     return sections
 
 
 def test_scripts_are_found():
-    assert {"dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py"} <= {os.path.basename(s) for s in SCRIPTS}
+    assert {"dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py"} <= {
+        os.path.basename(s) for s in SCRIPTS
+    }
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
@@ -62,6 +97,11 @@ def test_shared_section_is_identical_everywhere(name):
     for script in holders[1:]:
         other = shared_sections(script)[name]
         if other != reference:
-            diff = difflib.unified_diff(reference.splitlines(), other.splitlines(), os.path.basename(holders[0]),
-                                        os.path.basename(script), lineterm="")
+            diff = difflib.unified_diff(
+                reference.splitlines(),
+                other.splitlines(),
+                os.path.basename(holders[0]),
+                os.path.basename(script),
+                lineterm="",
+            )
             pytest.fail(f"shared section {name!r} differs:\n" + "\n".join(diff))
