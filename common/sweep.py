@@ -13,10 +13,10 @@ subprocess that imports the script, before anything is written or submitted.
 Each point is one job (submitit's AutoExecutor: one SLURM job array, at most --max-parallel running; or submitit's
 local executor, --max-parallel at a time). A job runs the script as a subprocess in DIR, with a unique --exp-name and
 --checkpoint-frequency, so its run directory is DIR/runs/.... When the job gets submitit's preemption/timeout signal
-(USR2; SLURM sends it --signal-delay seconds before the time limit, and on preemption where the cluster is set up to),
-PointJob.checkpoint kills the run and submitit requeues the job (submitit.helpers.Checkpointable); the new attempt
-finds the run directory and continues it with --resume, which the scripts make bit-identical on CPU. A finished
-point is never run again; a failed one keeps the last line its run wrote to stderr.
+(USR2: SLURM sends it 90 s, submitit's signal delay, before the time limit, and on preemption where the cluster is
+set up to), PointJob.checkpoint kills the run and submitit requeues the job (submitit.helpers.Checkpointable); the
+new attempt finds the run directory and continues it with --resume, which the scripts make bit-identical on CPU. A
+finished point is never run again; a failed one keeps the last line its run wrote to stderr.
 
 Files in DIR: sweep.json (the command, the grid, each point's flags, job id and run directory), runs/ (the scripts' run
 directories: `python -m common.plot DIR/runs --out FIGURES` reads them), points/{exp_name}.json (each job's state),
@@ -595,6 +595,8 @@ def plan(argv: list):
     slurm_flags = [f"--{k.replace('_', '-')}" for k, v in vars(options).items() if k.startswith("slurm_") and v]
     if options.executor == "local" and slurm_flags:
         raise SweepError(f"{', '.join(slurm_flags)}: for --executor slurm only")
+    if options.executor == "slurm" and options.slurm_time_min is None:
+        raise SweepError("--executor slurm needs --slurm-time-min (submitit's default time limit is 5 minutes)")
     if options.executor == "local" and options.max_parallel is None:
         options.max_parallel = os.cpu_count() or 1
     script = os.path.abspath(script)

@@ -105,21 +105,21 @@ def test_a_bad_value_fails_before_anything_is_submitted(tmp_path, grid, message)
 
 
 def test_slurm_flags_and_a_machine_without_slurm(tmp_path):
-    slurm = (
-        "--slurm-time-min 2880 --slurm-gpus-per-job 1 --slurm-cpus-per-job 8 --slurm-mem-gb 64 --slurm-partition gpu"
-    )
-    flags = [
-        "dqn_pruned.py",
-        "--seed",
+    slurm = [
+        "--slurm-gpus-per-job",
         "1",
-        "2",
-        "--sweep-dir",
-        str(tmp_path / "s"),
-        "--executor",
-        "slurm",
-        *slurm.split(),
+        "--slurm-cpus-per-job",
+        "8",
+        "--slurm-mem-gb",
+        "64",
+        "--slurm-partition",
+        "gpu",
     ]
+    flags = ["dqn_pruned.py", "--seed", "1", "2", "--sweep-dir", str(tmp_path / "s"), "--executor", "slurm", *slurm]
     flags += ["--slurm-setup", "module load cuda", "--max-parallel", "50"]
+    result = run_sweep(*flags, "--dry-run")  # without a time limit: submitit's would be 5 minutes
+    assert result.returncode == 2 and "needs --slurm-time-min" in result.stderr
+    flags += ["--slurm-time-min", "2880"]
     result = run_sweep(*flags, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2
