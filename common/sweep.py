@@ -407,37 +407,44 @@ class PointJob(submitit.helpers.Checkpointable):
 # ==================================================================================== status
 def point_status(sweep: dict, point: dict) -> tuple:
     """(state, requeues, error) of one point: state is pending, running, requeued, done or failed; error is a failed
-    point's last error line. A job that ended without a word (its submitit result says it raised, or, on the local
-    executor, its process is gone) is failed too."""
+    point's last error line. A job that ended without a word is failed too: its submitit result says it raised, or a
+    process of this machine is gone (the running job's, or the local executor's controller of a job not running)."""
     state = read_json(state_path(sweep["sweep_dir"], point["exp_name"]))
     name, error, attempts = state.get("state", "pending"), state.get("error"), state.get("attempts", 0)
     if name not in ("done", "failed") and point.get("job_id"):
-        ended, why = job_ended(sweep, point["job_id"], state.get("updated", 0))
-        if ended:
+        why = job_error(sweep, point["job_id"], state.get("updated", 0))
+        if why is None and name == "running" and state.get("host") == socket.gethostname():
+            why = None if alive(state["pid"]) else "its job stopped without a word (killed?)"
+        elif why is None and sweep["executor"] == "local" and sweep.get("host") == socket.gethostname():
+            why = None if alive(int(point["job_id"])) else "its job stopped without a word (killed?)"
+        if why is not None:
             name, error = "failed", why
     requeues = attempts if name == "requeued" else max(attempts - 1, 0)
     return name, requeues, error if name == "failed" else None
 
 
-def job_ended(sweep: dict, job_id: str, state_time: float) -> tuple:
-    """(True, why) when a job ended without marking its point done or failed; (False, None) otherwise."""
+def job_error(sweep: dict, job_id: str, state_time: float):
+    """The last line of the error a job's submitit result holds, if it ended with one after `state_time`; else None."""
     result = submitit.core.utils.JobPaths(os.path.join(sweep["sweep_dir"], "submitit"), job_id, 0).result_pickle
-    if result.exists() and result.stat().st_mtime >= state_time:
-        try:
-            with open(result, "rb") as f:
-                outcome, value = pickle.load(f)
-        except (OSError, EOFError, ValueError, pickle.UnpicklingError):  # being written, or unreadable: no answer
-            return False, None
-        if outcome == "error":
-            return True, (str(value).strip().splitlines() or ["the job raised"])[-1]
-    if sweep["executor"] == "local" and sweep.get("host") == socket.gethostname():
-        try:
-            os.kill(int(job_id), 0)  # the local job id is its controller's pid
-        except ProcessLookupError:
-            return True, "its job ended without finishing the run (killed?)"
-        except (PermissionError, ValueError):
-            pass
-    return False, None
+    if not result.exists() or result.stat().st_mtime < state_time:
+        return None
+    try:
+        with open(result, "rb") as f:
+            outcome, value = pickle.load(f)
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError):  # being written, or unreadable: no answer
+        return None
+    return (str(value).strip().splitlines() or ["the job raised"])[-1] if outcome == "error" else None
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` of this machine exists (a local job id is its controller's pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def status_lines(sweep_dir: str) -> tuple:
