@@ -126,6 +126,7 @@ def grid_points(script_flags: list) -> list:
 
 
 def tokens_of(point: list) -> list:
+    """A point's command-line tokens: [(flag, value or None), ...] -> [flag, value, flag, ...]."""
     return [token for flag, value in point for token in ((flag,) if value is None else (flag, value))]
 
 
@@ -232,10 +233,13 @@ def check_grid_in_subprocess(script: str, points: list) -> dict:
 
 # =========================================================================================== a job
 def state_path(sweep_dir: str, exp_name: str) -> str:
+    """DIR/points/{exp_name}.json: the state its job records (state, attempts, job id, host, pid, command, run dir,
+    error, start and end times)."""
     return os.path.join(sweep_dir, "points", f"{exp_name}.json")
 
 
 def read_json(path: str) -> dict:
+    """The JSON object in `path`, {} if there is none (or it cannot be read)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -300,6 +304,7 @@ class PointJob(submitit.helpers.Checkpointable):
         return {**self.__dict__, "_child": None}
 
     def __call__(self) -> str:
+        """What submitit runs, again after each requeue: the run directory of the finished point."""
         state = read_json(state_path(self.sweep_dir, self.exp_name))
         if state.get("state") == "done":  # a finished run is never started again
             return state["run_dir"]
@@ -496,6 +501,8 @@ def slurm_parameters(options) -> dict:
 
 
 def make_executor(options):
+    """submitit's AutoExecutor for the sweep: SLURM with the --slurm-* flags, or the local executor, whose own time
+    limit is lifted; both requeue a job at most MAX_TIMEOUTS times after a time limit."""
     folder = os.path.join(options.sweep_dir, "submitit")
     if options.executor == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=MAX_TIMEOUTS)
@@ -536,6 +543,7 @@ def wait(sweep_dir: str, jobs: list, poll: float) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The sweep's own flags (split_command_line hands every other flag to the script)."""
     parser = OneLineParser(prog="python -m common.sweep", description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--sweep-dir", required=True, help="directory of the sweep: sweep.json, runs/, logs/, ...")
     parser.add_argument(
@@ -568,11 +576,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse, its errors raised as SweepError (one line) instead of printed with the usage."""
+
     def error(self, message: str):
         raise SweepError(message)
 
 
 def positive(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
     try:
         value = int(text)
     except ValueError:
@@ -620,6 +631,8 @@ def plan(argv: list):
 
 
 def main(argv: list | None = None) -> int:
+    """The command line; returns the exit code (2: bad input, nothing submitted; 1: a submission failed, or with
+    --wait a point is not done)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["--status"]:
