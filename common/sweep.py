@@ -355,7 +355,7 @@ class PointJob(submitit.helpers.Checkpointable):
             update_state(self.sweep_dir, self.exp_name, state="done", run_dir=run_dir, ended=time.time())
             return run_dir
         reason = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        error = last_line(logs + ".err", start) or reason
+        error = reason if code < 0 else last_line(logs + ".err", start) or reason  # a killed run wrote no error
         update_state(self.sweep_dir, self.exp_name, state="failed", error=error, run_dir=run_dir, ended=time.time())
         raise RuntimeError(f"{self.exp_name}: {error} ({reason})")
 
