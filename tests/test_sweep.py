@@ -66,11 +66,8 @@ def test_dry_run_leaves_out_flags_a_method_does_not_use(tmp_path):
     assert len(points) == 12  # 3 per game and seed, not 4
     for env in ("CartPole-v1", "Acrobot-v1"):
         for seed in "12":
-            runs = [
-                (p["--pruning-method"], p.get("--sparsity"))
-                for p in points
-                if (p["--env-id"], p["--seed"]) == (env, seed)
-            ]
+            game_seed = [p for p in points if (p["--env-id"], p["--seed"]) == (env, seed)]
+            runs = [(p["--pruning-method"], p.get("--sparsity")) for p in game_seed]
             assert sorted(runs, key=str) == [("gmp", "0.9"), ("gmp", "0.95"), ("none", None)]
     assert "--pruning-method none does not use --sparsity" in result.stderr
 
@@ -105,18 +102,9 @@ def test_a_bad_value_fails_before_anything_is_submitted(tmp_path, grid, message)
 
 
 def test_slurm_flags_and_a_machine_without_slurm(tmp_path):
-    slurm = [
-        "--slurm-gpus-per-job",
-        "1",
-        "--slurm-cpus-per-job",
-        "8",
-        "--slurm-mem-gb",
-        "64",
-        "--slurm-partition",
-        "gpu",
-    ]
-    flags = ["dqn_pruned.py", "--seed", "1", "2", "--sweep-dir", str(tmp_path / "s"), "--executor", "slurm", *slurm]
-    flags += ["--slurm-setup", "module load cuda", "--max-parallel", "50"]
+    flags = ["dqn_pruned.py", "--seed", "1", "2", "--sweep-dir", str(tmp_path / "s"), "--executor", "slurm"]
+    flags += ["--slurm-gpus-per-job", "1", "--slurm-cpus-per-job", "8", "--slurm-mem-gb", "64"]
+    flags += ["--slurm-partition", "gpu", "--slurm-setup", "module load cuda", "--max-parallel", "50"]
     result = run_sweep(*flags, "--dry-run")  # without a time limit: submitit's would be 5 minutes
     assert result.returncode == 2 and "needs --slurm-time-min" in result.stderr
     flags += ["--slurm-time-min", "2880"]
@@ -135,10 +123,9 @@ def test_slurm_flags_and_a_machine_without_slurm(tmp_path):
 
 def test_local_sweep_runs_the_grid_and_plot_reads_it(tmp_path):
     sweep_dir = str(tmp_path / "sweep")
-    grid = ["--total-timesteps", "600", "--seed", "1", "2", "--pruning-method", "none", "gmp"]
-    result = run_sweep(
-        "dqn_pruned.py", *TINY, *grid, "--sweep-dir", sweep_dir, "--executor", "local", "--max-parallel", "2", "--wait"
-    )
+    flags = [*TINY, "--total-timesteps", "600", "--seed", "1", "2", "--pruning-method", "none", "gmp"]
+    flags += ["--sweep-dir", sweep_dir, "--executor", "local", "--max-parallel", "2", "--wait"]
+    result = run_sweep("dqn_pruned.py", *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
         record = json.load(f)
@@ -148,8 +135,8 @@ def test_local_sweep_runs_the_grid_and_plot_reads_it(tmp_path):
     for point in points:
         with open(os.path.join(point["run_dir"], "config.json")) as f:
             config = json.load(f)
-        flags = dict(point["flags"])
-        assert str(config["seed"]) == flags["--seed"] and config["pruning_method"] == flags["--pruning-method"]
+        given = dict(point["flags"])
+        assert str(config["seed"]) == given["--seed"] and config["pruning_method"] == given["--pruning-method"]
         assert config["exp_name"] == point["exp_name"]
         assert os.path.dirname(point["run_dir"]) == os.path.join(sweep_dir, "runs")
         assert glob.glob(os.path.join(point["run_dir"], "events.out.tfevents.*"))
@@ -184,13 +171,8 @@ def test_a_preempted_job_requeues_and_resumes_exactly(tmp_path):
     sweep_dir, reference_dir = str(tmp_path / "sweep"), str(tmp_path / "reference")
     flags = [*TINY, "--total-timesteps", "12000", "--pruning-method", "gmp", "--sparsity", "0.9", "--save-model"]
     flags += ["--checkpoint-frequency", "3000", "--sweep-dir", sweep_dir, "--executor", "local", "--wait"]
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "common.sweep", "dqn_pruned.py", *flags],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command = [sys.executable, "-m", "common.sweep", "dqn_pruned.py", *flags]
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(sweep_dir, "sweep.json")):
         assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
@@ -212,15 +194,10 @@ def test_a_preempted_job_requeues_and_resumes_exactly(tmp_path):
     assert launcher.returncode == 0, output
     assert reference.wait(timeout=300) == 0, reference.stderr.read()
     state = sweep.read_json(sweep.state_path(sweep_dir, point["exp_name"]))
-    assert (state["state"], state["attempts"], state["job_id"]) == (
-        "done",
-        2,
-        point["job_id"],
-    )  # requeued within its job
+    assert (state["state"], state["attempts"]) == ("done", 2) and state["job_id"] == point["job_id"]  # within its job
     status = run_sweep("--status", sweep_dir).stdout.splitlines()
-    assert (
-        status[0].split()[1] == "done" and status[0].endswith("(requeued 1 time)") and status[1] == "1 points: 1 done"
-    )
+    assert status[0].split()[1] == "done" and status[0].endswith("(requeued 1 time)")
+    assert status[1] == "1 points: 1 done"
     (run_dir,) = glob.glob(os.path.join(sweep_dir, "runs", "*"))
     with open(os.path.join(run_dir, "config.json")) as f:
         resumed_after = json.load(f).get("resumed_after_step", [])
