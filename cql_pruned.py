@@ -717,31 +717,29 @@ def erk_sparsities(shapes: list, sparsity: float) -> list:
     that the kept weights equal the uniform budget sum_l (N_l - floor(s N_l))."""
     sizes = [math.prod(shape) for shape in shapes]
     raw = [sum(shape) / size for shape, size in zip(shapes, sizes)]
-    dense = set()
+    layers, dense = range(len(shapes)), set()
     while len(dense) < len(shapes):
-        free = [l for l in range(len(shapes)) if l not in dense]
-        rhs = sum(sizes[l] - math.floor(sparsity * sizes[l]) for l in free) - sum(
-            math.floor(sparsity * sizes[l]) for l in dense
-        )
-        eps = rhs / sum(raw[l] * sizes[l] for l in free)
-        max_raw = max(raw[l] for l in free)
+        free = [i for i in layers if i not in dense]
+        kept = sum(sizes[i] - math.floor(sparsity * sizes[i]) for i in free)
+        eps = (kept - sum(math.floor(sparsity * sizes[i]) for i in dense)) / sum(raw[i] * sizes[i] for i in free)
+        max_raw = max(raw[i] for i in free)
         if eps * max_raw <= 1:
-            return [0.0 if l in dense else 1.0 - eps * raw[l] for l in range(len(shapes))]
-        dense |= {l for l in free if raw[l] == max_raw}
+            return [0.0 if i in dense else 1.0 - eps * raw[i] for i in layers]
+        dense |= {i for i in free if raw[i] == max_raw}
     return [0.0] * len(shapes)
 
 
 def target_sparsities(params, sparsity: float, distribution: str):
     """Pytree like params: the final sparsity of each prunable kernel (ERK or uniform), 0.0 elsewhere."""
     leaves, treedef = jax.tree.flatten(params)
-    prunable = [l for l, leaf in enumerate(leaves) if is_prunable(leaf)]
+    prunable = [i for i, leaf in enumerate(leaves) if is_prunable(leaf)]
     if distribution == "erk":
-        layer_sparsity = erk_sparsities([leaves[l].shape for l in prunable], sparsity)
+        layer_sparsity = erk_sparsities([leaves[i].shape for i in prunable], sparsity)
     else:
         layer_sparsity = [sparsity] * len(prunable)
     out = [0.0] * len(leaves)
-    for l, s in zip(prunable, layer_sparsity):
-        out[l] = s
+    for i, s in zip(prunable, layer_sparsity):
+        out[i] = s
     return jax.tree.unflatten(treedef, out)
 
 
@@ -1122,7 +1120,8 @@ def main(args: Args) -> dict:
                 good = int(jax.device_get(state.grad_step))  # the update refused a step: the state is the last good one
                 writer = checkpoint(good)
                 raise NonFiniteError(
-                    f"non-finite loss after gradient step {good}; the last good train state is checkpointed in {run_dir}"
+                    f"non-finite loss after gradient step {good}; the last good train state is checkpointed in "
+                    f"{run_dir}"
                 )
             if grad_step % args.log_frequency == 0:
                 now = time.time()

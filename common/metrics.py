@@ -46,8 +46,8 @@ def dead_neuron_fractions(kernel_masks: dict) -> tuple:
 
 
 def srank(features: jax.Array, delta: float = 0.01) -> jax.Array:
-    """Effective rank srank_delta (Kumar et al. 2021): the smallest k with sum_{i<=k} sigma_i / sum_i sigma_i >= 1 - delta,
-    sigma the singular values of the feature matrix in descending order (0 for an all-zero matrix).
+    """Effective rank srank_delta (Kumar et al. 2021): the smallest k with sum_{i<=k} sigma_i / sum_i sigma_i >=
+    1 - delta, sigma the singular values of the feature matrix in descending order (0 for an all-zero matrix).
     (n, d) penultimate-layer features -> () int."""
     sigma = jnp.linalg.svd(features.astype(jnp.float32), compute_uv=False)  # (min(n, d),), descending
     cumulative = jnp.cumsum(sigma) / jnp.maximum(sigma.sum(), 1e-12)

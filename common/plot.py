@@ -19,7 +19,8 @@ game and seed, and Atari games without a human score.
 
 Aggregates follow Agarwal et al. (2021) with rliable: IQM over the (runs x games) matrix of scores, 95% CIs from the
 stratified percentile bootstrap (runs resampled within each game; --reps 50,000 as in rliable, --curve-reps for the
-curves), NumPy's global generator seeded with --seed before each. A configuration needs the same number of seeds in every game: where the counts differ,
+curves), NumPy's global generator seeded with --seed before each. A configuration needs the same number of seeds in
+every game: where the counts differ,
 the lowest seeds are kept. The matrix's rows are the seeds in increasing order, its columns the games in name order.
 """
 
@@ -49,7 +50,8 @@ def find_runs(runs_dir: str) -> list:
 
 
 def read_returns(run_dir: str) -> tuple:
-    """(tag, [(step, value), ...]) of the run's scored returns: charts/eval_return if logged, else charts/episodic_return."""
+    """(tag, [(step, value), ...]) of the run's scored returns: charts/eval_return if logged, else
+    charts/episodic_return."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
@@ -142,7 +144,8 @@ def score_matrices(records: list) -> dict:
         runs = groups[(r["suite"], tuple(r[k] for k in CONFIG_KEYS))][r["task"]]
         if r["seed"] in runs:
             print(
-                f"skipped {r['run_dir']}: a second run of {r['task']}, seed {r['seed']}, with the configuration of {runs[r['seed']]['run_dir']}"
+                f"skipped {r['run_dir']}: a second run of {r['task']}, seed {r['seed']}, with the configuration of "
+                f"{runs[r['seed']]['run_dir']}"
             )
             continue
         runs[r["seed"]] = r

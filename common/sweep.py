@@ -570,7 +570,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--checkpoint-frequency",
         type=positive,
         default=250_000,
-        help="the scripts' --checkpoint-frequency (env steps; gradient steps in cql_pruned.py): a requeued job loses at most this much work",
+        help="the scripts' --checkpoint-frequency (env steps; gradient steps in cql_pruned.py): a requeued job loses "
+        "at most this much work",
     )
     return parser
 
@@ -608,7 +609,8 @@ def plan(argv: list):
         )
     if options.executor == "slurm" and not options.dry_run and not (shutil.which("sbatch") and shutil.which("srun")):
         raise SweepError(
-            "--executor slurm needs SLURM's sbatch and srun on PATH (not found here); --executor local runs on this machine"
+            "--executor slurm needs SLURM's sbatch and srun on PATH (not found here); --executor local runs on this "
+            "machine"
         )
     slurm_flags = [f"--{k.replace('_', '-')}" for k, v in vars(options).items() if k.startswith("slurm_") and v]
     if options.executor == "local" and slurm_flags:
@@ -668,7 +670,8 @@ def main(argv: list | None = None) -> int:
         return 0
 
     os.makedirs(sweep_dir, exist_ok=True)
-    # the jobs import common.sweep: on the local executor and on SLURM (sbatch exports the environment) they inherit this
+    # the jobs import common.sweep: on the local executor and on SLURM (sbatch exports the environment) they inherit
+    # this
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     slots = options.max_parallel if options.executor == "local" else 0
     child_env = local_child_env(options) if options.executor == "local" else {}
@@ -701,7 +704,8 @@ def main(argv: list | None = None) -> int:
     }
     write_json(os.path.join(sweep_dir, "sweep.json"), sweep)
     print(
-        f"submitted {len(jobs)} jobs ({options.executor}); follow them with: python -m common.sweep --status {options.sweep_dir}"
+        f"submitted {len(jobs)} jobs ({options.executor}); follow them with: "
+        f"python -m common.sweep --status {options.sweep_dir}"
     )
     if options.wait:
         return wait(sweep_dir, jobs, poll=1.0 if options.executor == "local" else 60.0)

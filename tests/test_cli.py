@@ -254,7 +254,8 @@ def test_readme_flag_table_matches_args(script):
     for field in dataclasses.fields(module.Args):
         if field.name == "exp_name":  # its default is the script's name
             continue
-        row = f"| `--{field.name.replace('_', '-')}` | `{'unset' if field.default is None else field.default}` | {own[field.name]} |"
+        default = "unset" if field.default is None else field.default
+        row = f"| `--{field.name.replace('_', '-')}` | `{default}` | {own[field.name]} |"
         same_as_dqn = (
             field.name in dqn_fields
             and dqn_fields[field.name].default == field.default

@@ -22,7 +22,8 @@ from common import metrics
 
 
 def test_gmp_schedule_matches_spec_table():
-    # The paper's run: G = 2.5M gradient steps, t_start = 500k, t_end = 2M; the cubic schedule gives s at each 10% of training.
+    # The paper's run: G = 2.5M gradient steps, t_start = 500k, t_end = 2M; the cubic schedule gives s at each 10%
+    # of training.
     total, t_start, t_end = 2_500_000, 500_000, 2_000_000
     table = {0.2: 0.0, 0.3: 0.400, 0.4: 0.669, 0.5: 0.831, 0.6: 0.915, 0.7: 0.946, 0.8: 0.950, 0.9: 0.950}
     for fraction, expected in table.items():
@@ -336,7 +337,8 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
 
 
 def test_rigl_drop_count_uses_the_active_weights():
-    """RigL (Evci et al. 2020): n_drop = floor(n_active * f), also for Bernoulli masks whose n_active is not the target count."""
+    """RigL (Evci et al. 2020): n_drop = floor(n_active * f), also for Bernoulli masks whose n_active is not the
+    target count."""
     masks = {"w": np.zeros((20, 10), np.uint8), "b": np.ones(10, np.uint8)}
     masks["w"].reshape(-1)[:95] = 1
     counts = dqn.mask_update_counts("rigl", masks, {"w": 0.5, "b": 0.0}, 50, 0, 100, 0.6)
@@ -398,8 +400,9 @@ def test_a_non_finite_loss_is_refused_on_the_device(maybe_jit):
     step = maybe_jit(lambda state, loss: dqn.sparse_step(state, loss, grads, None, tx, "none"))
     good = step(state, jnp.float32(1.0))
     assert bool(good.finite) and int(good.grad_step) == 1 and not np.allclose(good.params["w"], 1.0)
-    for loss in (jnp.nan, jnp.inf, 1.0):  # refused, then frozen
-        refused = step(good, jnp.float32(loss)) if loss != 1.0 else step(refused, jnp.float32(loss))
+    refused = step(good, jnp.float32(jnp.nan))
+    for loss in (jnp.nan, jnp.inf, 1.0):  # refused, then frozen whatever the loss
+        refused = step(refused, jnp.float32(loss))
         assert not bool(refused.finite)
         for a, b in zip(jax.tree.leaves(good.replace(finite=False)), jax.tree.leaves(refused)):
             np.testing.assert_array_equal(a, b)

@@ -1,5 +1,5 @@
-"""common/metrics.py against hand-computed values on tiny inputs (eager and jitted), and each script's analysis against an
-independent recomputation (NumPy forward pass, one jax.grad per transition)."""
+"""common/metrics.py against hand-computed values on tiny inputs (eager and jitted), and each script's analysis against
+an independent recomputation (NumPy forward pass, one jax.grad per transition)."""
 
 import jax
 import jax.numpy as jnp

@@ -51,7 +51,8 @@ def test_widths_and_dense_scaling():
 
 
 def test_cnn_padding_same_and_valid():
-    """cnn: Dopamine's SAME padding (21 -> 11 -> 11, dense 7744 x 512); nature: Mnih et al.'s VALID padding (20 -> 9 -> 7,
+    """cnn: Dopamine's SAME padding (21 -> 11 -> 11, dense 7744 x 512); nature: Mnih et al.'s VALID padding
+    (20 -> 9 -> 7,
     dense 3136 x 512). The VALID torso equals three VALID convolutions computed by lax directly."""
     _, params = init("cnn")
     assert params["dense"]["kernel"].shape == (7744, 512)
@@ -88,7 +89,7 @@ def test_q_values_shape_and_dtype():
     "script", ["dqn_pruned.py", "rainbow_pruned.py", "iqn_pruned.py", "miqn_pruned.py", "cql_pruned.py"]
 )
 def test_every_flag_is_read_and_documented(script):
-    """No flag that lies (STYLE P2): every Args field is read as args.<field> and has a docstring."""
+    """No flag that lies: every Args field is read as args.<field> and has a docstring."""
     with open(os.path.join(ROOT, script)) as f:
         text = f.read()
     args_class = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "Args")

@@ -124,7 +124,8 @@ def test_plot_command_writes_figures_and_csv_matching_rliable(runs, tmp_path):
     from rliable import metrics
 
     for config in CONFIGS:
-        # the final score: the mean of the two returns in the last slice (900-999), human-normalized; seeds 1-3 in both games
+        # the final score: the mean of the two returns in the last slice (900-999), human-normalized; seeds 1-3 in
+        # both games
         scores = np.array(
             [
                 [atari_scores.human_normalized(game[4:-3], final_return(game, config, seed)) for game in sorted(GAMES)]

@@ -1,6 +1,7 @@
 """Checkpoints and resume: a run killed with SIGKILL at a random moment and resumed ends bit-identical to an
 uninterrupted run (params, every logged scalar but SPS, the offline dataset it writes); an interrupted checkpoint write
-never replaces the good one; a non-finite loss stops the run with a resumable checkpoint; incompatible flags are refused."""
+never replaces the good one; a non-finite loss stops the run with a resumable checkpoint; incompatible flags are
+refused."""
 
 import dataclasses
 import glob
@@ -136,7 +137,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, script, method):
 
 
 def write_cartpole_dataset(directory: str) -> None:
-    """A run directory whose checkpoint holds 3000 random CartPole-like transitions, the dataset of the offline tests."""
+    """A run directory whose checkpoint holds 3000 random CartPole-like transitions: the offline tests' dataset."""
     from test_cql import write_run
 
     rng = np.random.default_rng(0)

@@ -200,7 +200,7 @@ def test_a_preempted_job_requeues_and_resumes_exactly(tmp_path):
     assert status[1] == "1 points: 1 done"
     (run_dir,) = glob.glob(os.path.join(sweep_dir, "runs", "*"))
     with open(os.path.join(run_dir, "config.json")) as f:
-        resumed_after = json.load(f).get("resumed_after_step", [])
+        resumed_after = json.load(f).get("resumed_at_step", [])
     assert len(resumed_after) == 1 and resumed_after[0] < 12000 - 1, "the run ended before the signal: make it longer"
 
     (reference_run,) = glob.glob(os.path.join(reference_dir, "runs", "*"))

@@ -33,7 +33,8 @@ def readme_command(script: str, marker: str) -> list:
 )
 def test_cartpole_learns_dense_and_pruned(tmp_path, monkeypatch, script, method):
     """The README's CartPole command (GMP to 90%), and the same run dense, reach a mean return >= 195 over the last 20
-    episodes (dqn_pruned.py's own command is checked in test_cql_cli.py with the offline agent, which trains on its data)."""
+    episodes (dqn_pruned.py's own command is checked in test_cql_cli.py with the offline agent, which trains on its
+    data)."""
     module = MODULES[script]
     main_job_args = tyro.cli(module.Args, args=readme_command(script, "CartPole-v1"))
     assert main_job_args.pruning_method == "gmp" and main_job_args.sparsity == 0.9 and main_job_args.network == "mlp"
@@ -122,7 +123,8 @@ def test_readme_paper_command_uses_the_paper_settings():
 
 
 def test_readme_rainbow_paper_command_uses_the_paper_settings():
-    """The paper's Table 2 and Dopamine's rainbow.gin: C51 with 51 atoms on [-10, 10], 3-step returns, Adam 6.25e-5 / 1.5e-4, and DQN's common settings."""
+    """The paper's Table 2 and Dopamine's rainbow.gin: C51 with 51 atoms on [-10, 10], 3-step returns, Adam
+    6.25e-5 / 1.5e-4, and DQN's common settings."""
     args = tyro.cli(rainbow.Args, args=readme_command("rainbow_pruned.py", "--width-scale 3"))
     assert (args.network, args.width_scale, args.pruning_method, args.sparsity, args.sparsity_distribution) == (
         "resnet",
@@ -152,7 +154,8 @@ def test_readme_rainbow_paper_command_uses_the_paper_settings():
 
 @pytest.mark.parametrize("script", ["iqn_pruned.py", "miqn_pruned.py"])
 def test_readme_iqn_paper_commands_use_the_paper_settings(script):
-    """The paper's Table 2, Dopamine's iqn.gin and Vieillard et al. 2020: N = N' = 64, K = 32, kappa 1, 64 cosines, 3-step, Adam 5e-5 / 3.125e-4; M-IQN tau 0.03, alpha 0.9, l_0 -1."""
+    """The paper's Table 2, Dopamine's iqn.gin and Vieillard et al. 2020: N = N' = 64, K = 32, kappa 1, 64 cosines,
+    3-step, Adam 5e-5 / 3.125e-4; M-IQN tau 0.03, alpha 0.9, l_0 -1."""
     module = MODULES[script]
     args = tyro.cli(module.Args, args=readme_command(script, "--width-scale 3"))
     assert (args.network, args.width_scale, args.pruning_method, args.sparsity, args.sparsity_distribution) == (
