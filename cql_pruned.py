@@ -1185,7 +1185,9 @@ def open_run(args: Args, extra_config: dict, start: int) -> tuple:
         config = saved_config(args.resume)
         config.update({k: v for k, v in dataclasses.asdict(args).items() if k in RESUME_MAY_CHANGE and k != "resume"})
         config.setdefault("resumed_at_step", []).append(start)
-        write_atomically(os.path.join(args.resume, "config.json"), lambda f: f.write(json.dumps(config).encode()))
+        write_atomically(
+            os.path.join(args.resume, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode())
+        )
         return args.resume, open_writer(args.resume, purge_step=start)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir, suffix = os.path.join("runs", run_name), 0
