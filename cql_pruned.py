@@ -1092,7 +1092,7 @@ def main(args: Args) -> dict:
     def checkpoint(grad_steps: int):  # everything the loop needs to go on after `grad_steps` gradient steps
         payload = {
             "grad_step": grad_steps,
-            "train_state": jax.device_get(jax.tree.leaves(state.replace(finite=jnp.ones((), bool)))),
+            "train_state": saved_leaves(state),
             "rng": rng.bit_generator.state,
             "metrics_rng": metrics_rng.bit_generator.state,
             "env": env.__getstate__() if is_atari else env,
@@ -1263,7 +1263,7 @@ def resume_checks(args: Args) -> list:
         return []
     config, script = saved_config(args.resume), os.path.basename(__file__)
     differences = [
-        f"--{name.replace('_', '-')} {config[name]!r} in the run, {value!r} now"
+        f"{flag(name)} {config[name]!r} in the run, {value!r} now"
         for name, value in dataclasses.asdict(args).items()
         if name in config and name not in RESUME_MAY_CHANGE and config[name] != value
     ]
@@ -1275,6 +1275,12 @@ def resume_checks(args: Args) -> list:
         (not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
         (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}"),
     ]
+
+
+def saved_leaves(state) -> list:
+    """A train state's leaves as host arrays, for a checkpoint; a refused state is saved as a good one (finite True),
+    so that a resumed run trains again."""
+    return jax.device_get(jax.tree.leaves(state.replace(finite=jnp.ones((), bool))))
 
 
 def restore_leaves(template, leaves: list):

@@ -872,7 +872,7 @@ def main(args: Args) -> dict:
     learning_starts = args.learning_starts
     if args.resume:  # go on exactly where the checkpoint was written
         saved = load_checkpoint(args.resume)
-        state = restore_leaves(state, saved["train_state"])  # a refused state was saved as a good one
+        state = restore_leaves(state, saved["train_state"])
         rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
         if is_atari:  # the Atari env replays its episode from its start
             env.__setstate__(saved["env"])
@@ -898,7 +898,7 @@ def main(args: Args) -> dict:
         payload = {
             "global_step": global_step,
             "grad_step": int(jax.device_get(state.grad_step)),
-            "train_state": jax.device_get(jax.tree.leaves(state.replace(finite=jnp.ones((), bool)))),
+            "train_state": saved_leaves(state),
             "rng": rng.bit_generator.state,
             "metrics_rng": metrics_rng.bit_generator.state,
             "env": env.__getstate__() if is_atari else env,
@@ -1097,7 +1097,7 @@ def resume_checks(args: Args) -> list:
         return []
     config, script = saved_config(args.resume), os.path.basename(__file__)
     differences = [
-        f"--{name.replace('_', '-')} {config[name]!r} in the run, {value!r} now"
+        f"{flag(name)} {config[name]!r} in the run, {value!r} now"
         for name, value in dataclasses.asdict(args).items()
         if name in config and name not in RESUME_MAY_CHANGE and config[name] != value
     ]
@@ -1109,6 +1109,12 @@ def resume_checks(args: Args) -> list:
         (not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
         (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}"),
     ]
+
+
+def saved_leaves(state) -> list:
+    """A train state's leaves as host arrays, for a checkpoint; a refused state is saved as a good one (finite True),
+    so that a resumed run trains again."""
+    return jax.device_get(jax.tree.leaves(state.replace(finite=jnp.ones((), bool))))
 
 
 def restore_leaves(template, leaves: list):
