@@ -2,6 +2,7 @@
 
 import ast
 import os
+import shlex
 import subprocess
 import sys
 
@@ -20,6 +21,17 @@ def run_script(script: str, *flags: str, cwd: str, timeout: int = 600) -> subpro
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def readme_command(script: str, *markers: str) -> list:
+    """Flags of the README's first `python {script} ...` command that contains every marker (continuations joined)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(f"python {script}") and all(marker in line for marker in markers):
+            return shlex.split(line.split("#")[0])[2:]
+    raise AssertionError(f"no README command `python {script} ...` with {markers}")
 
 
 def args_docstrings(script: str) -> dict:

@@ -8,13 +8,12 @@ import gzip
 import json
 import os
 import pathlib
-import shlex
 import shutil
 
 import numpy as np
 import pytest
 import tyro
-from conftest import ROOT, check_metric_logs, check_saved_masks, read_scalars, run_script
+from conftest import check_metric_logs, check_saved_masks, read_scalars, readme_command, run_script
 from test_cql import dopamine_checkpoint, write_run
 
 import cql_pruned as cql
@@ -252,17 +251,6 @@ def test_bad_data_on_the_command_line(tmp_path, case):
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "runs")
-
-
-def readme_command(script: str, *markers: str) -> list:
-    """Flags of the README's first `python {script} ...` command that contains every marker (continuations joined)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read().replace("\\\n", " ")
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith(f"python {script}") and all(marker in line for marker in markers):
-            return shlex.split(line.split("#")[0])[2:]
-    raise AssertionError(f"no README command `python {script} ...` with {markers}")
 
 
 def test_readme_online_run_trains_cql(tmp_path, monkeypatch):

@@ -1,13 +1,11 @@
 """Whole runs of each agent's main(): learning on CartPole (the README's commands), seeding, the paper commands."""
 
 import dataclasses
-import os
-import shlex
 
 import numpy as np
 import pytest
 import tyro
-from conftest import ROOT, read_scalars
+from conftest import read_scalars, readme_command
 
 import dqn_pruned as dqn
 import iqn_pruned as iqn
@@ -15,17 +13,6 @@ import miqn_pruned as miqn
 import rainbow_pruned as rainbow
 
 MODULES = {"dqn_pruned.py": dqn, "rainbow_pruned.py": rainbow, "iqn_pruned.py": iqn, "miqn_pruned.py": miqn}
-
-
-def readme_command(script: str, marker: str) -> list:
-    """Flags of the README's `python {script} ...` command that contains `marker` (backslash continuations joined)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read().replace("\\\n", " ")
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith(f"python {script}") and marker in line:
-            return shlex.split(line.split("#")[0])[2:]
-    raise AssertionError(f"no README command `python {script} ...` with {marker!r}")
 
 
 @pytest.mark.parametrize(
