@@ -26,7 +26,6 @@ Example: python cql_pruned.py --env-id ALE/Pong-v5 --dataset-dir dqn_replay/Pong
 """
 
 import dataclasses
-import functools
 import gzip
 import json
 import math
@@ -36,6 +35,7 @@ import sys
 import time
 import zlib
 from collections import deque
+from functools import partial
 from typing import Any, Literal, NamedTuple, get_args, get_origin
 
 import ale_py
@@ -86,7 +86,7 @@ class Args:
     log_frequency: int = 1000
     """gradient steps between logs of losses, SPS and sparsity (evaluations: after every iteration)"""
 
-    # algorithm specific arguments (CQL, CQL+C51: the paper's Table 3; Dopamine's jax_dr3.gin and jax_rainbow.gin)
+    # -------- CQL's arguments (CQL, CQL+C51: the paper's Table 3; Dopamine's jax_dr3.gin and jax_rainbow.gin)
     c51: bool = False
     """CQL+C51: dueling C51 head, double-DQN target, and the CQL+C51 column of Table 3 for every unset flag"""
     learning_rate: float | None = None
@@ -121,7 +121,7 @@ class Args:
     use_output_bias: bool = True
     """bias in the output layer(s) (separate from --use-bias, as in Ganaie et al.'s ablation)"""
 
-    # -------------------------------------------------------------------------------- shared: pruning args
+    # -------------------------------------------------------------------------------- shared: sparse and run args
     pruning_method: Literal["gmp", "rigl", "set", "static", "none"] = "gmp"
     """gmp: gradual magnitude pruning (Zhu & Gupta 2017); rigl (Evci et al. 2020) / set (Mocanu et al. 2018):
     dynamic sparse training; static: a random mask at init (Ma et al. 2025); none: dense"""
@@ -143,9 +143,7 @@ class Args:
     mask_sampling: Literal["exact", "bernoulli"] = "exact"
     """random initial masks (static, rigl, set): exactly round(N(1-s)) kept weights per layer, or independent
     Bernoulli(1-s) entries (Ma et al.'s code)"""
-    # ---------------------------------------------------------------------------- end shared: pruning args
 
-    # -------------------------------------------------------------------------------- shared: analysis args
     metrics_frequency: int = 250_000
     """steps between logs of the analysis metrics (common/metrics.py: dormant and dead neurons, srank, norms,
     gradient covariance; env steps, gradient steps in cql_pruned.py); 0: off"""
@@ -154,58 +152,16 @@ class Args:
     metrics_grad_samples: int = 64
     """the first transitions of that batch whose per-sample gradients make the gradient covariance matrix
     (memory: samples x parameters floats)"""
-    # ---------------------------------------------------------------------------- end shared: analysis args
 
-    # -------------------------------------------------------------------------------- shared: checkpoint args
     checkpoint_frequency: int = 0
     """steps between checkpoints of everything the run needs to go on, runs/{run_name}/checkpoint.pkl (env steps;
     gradient steps in cql_pruned.py); 0: off"""
     resume: str | None = None
     """a run directory to continue from its checkpoint, appending to its logs; its config.json gives every flag not
     given here, and flags that change the run are refused"""
-    # ---------------------------------------------------------------------------- end shared: checkpoint args
 
 
-# -------------------------------------------------------------------------------- shared: arg checks
-class ArgsError(ValueError):
-    """A bad command-line value; reported as one line on stderr with exit code 2."""
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_args(args: Args) -> None:
-    """Raises ArgsError naming the first invalid field: the shared ones, then the run's (run_checks), the
-    algorithm's (algorithm_checks) and a resumed run's (resume_checks)."""
-    (start, end), every = prune_window_fractions(args), args.prune_frequency_grad_steps
-    samples, batch, name = args.metrics_grad_samples, args.metrics_batch_size, args.exp_name
-    checks = [(getattr(args, f) > 0, f"{flag(f)} must be > 0") for f in ("log_frequency", "metrics_batch_size")]
-    checks += [
-        (getattr(args, f) >= 0, f"{flag(f)} must be >= 0 (0: off)")
-        for f in ("metrics_frequency", "checkpoint_frequency")
-    ]
-    checks += [
-        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
-        (args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}"),
-        (name not in ("", ".", "..") and "/" not in name, f"--exp-name must be a name, not {name!r}"),
-        (0 <= args.sparsity < 1, f"--sparsity must be in [0, 1), got {args.sparsity}"),
-        (0 <= args.drop_fraction <= 1, "--drop-fraction must be in [0, 1]"),
-        (every is None or every > 0, "--prune-frequency-grad-steps must be > 0"),
-        (0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"),
-        (0 < samples <= batch, f"--metrics-grad-samples must be in [1, --metrics-batch-size ({batch})], got {samples}"),
-    ]
-    for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
-        choices, value = get_args(field.type) if get_origin(field.type) is Literal else (), getattr(args, field.name)
-        checks.append((not choices or value in choices, f"{flag(field.name)} must be one of {choices}"))
-    for ok, message in checks + run_checks(args) + algorithm_checks(args) + resume_checks(args):
-        if not ok:
-            raise ArgsError(message)
-
-
-# ---------------------------------------------------------------------------- end shared: arg checks
-
-
+# -------------------------------------------------------------------------------- CQL: checks
 def resolve(args: Args) -> Args:
     """Fills the unset algorithm flags with the CQL or the CQL+C51 column of the paper's Table 3."""
     defaults = (6.25e-5, 1.5e-4, 3, 100, True) if args.c51 else (5e-5, 3.125e-4, 1, 2000, False)
@@ -242,6 +198,41 @@ def algorithm_checks(args: Args) -> list:
         (args.num_atoms >= 2, f"--num-atoms must be >= 2, got {args.num_atoms}"),
         (args.v_min < args.v_max, f"need --v-min ({args.v_min}) < --v-max ({args.v_max})"),
     ]
+
+
+# -------------------------------------------------------------------------------- shared: arg checks
+class ArgsError(ValueError):
+    """A bad command-line value; reported as one line on stderr with exit code 2."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: Args) -> None:
+    """Raises ArgsError naming the first invalid field: the shared ones, then the run's (run_checks), the
+    algorithm's (algorithm_checks) and a resumed run's (resume_checks)."""
+    (start, end), every = prune_window_fractions(args), args.prune_frequency_grad_steps
+    samples, batch, name = args.metrics_grad_samples, args.metrics_batch_size, args.exp_name
+    checks = [(getattr(args, f) > 0, f"{flag(f)} must be > 0") for f in ("log_frequency", "metrics_batch_size")]
+    off = ("metrics_frequency", "checkpoint_frequency")
+    checks += [(getattr(args, f) >= 0, f"{flag(f)} must be >= 0 (0: off)") for f in off]
+    checks += [
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}"),
+        (name not in ("", ".", "..") and "/" not in name, f"--exp-name must be a name, not {name!r}"),
+        (0 <= args.sparsity < 1, f"--sparsity must be in [0, 1), got {args.sparsity}"),
+        (0 <= args.drop_fraction <= 1, "--drop-fraction must be in [0, 1]"),
+        (every is None or every > 0, "--prune-frequency-grad-steps must be > 0"),
+        (0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"),
+        (0 < samples <= batch, f"--metrics-grad-samples must be in [1, --metrics-batch-size ({batch})], got {samples}"),
+    ]
+    for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
+        choices, value = get_args(field.type) if get_origin(field.type) is Literal else (), getattr(args, field.name)
+        checks.append((not choices or value in choices, f"{flag(field.name)} must be one of {choices}"))
+    for ok, message in checks + run_checks(args) + algorithm_checks(args) + resume_checks(args):
+        if not ok:
+            raise ArgsError(message)
 
 
 # =================================================================================== environment (evaluation)
@@ -316,9 +307,6 @@ def make_env(env_id: str):
     return env, False
 
 
-# ------------------------------------------------------------ end shared: environment
-
-
 # ===================================================================================================== network
 # -------------------------------------------------------------------------------- shared: network torso
 def conv(channels: int, kernel: int, stride: int = 1, padding: str = "SAME", **kwargs) -> nn.Conv:
@@ -359,18 +347,9 @@ class NatureTorso(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32) / 255.0
+        kwargs = {"kernel_init": nn.initializers.xavier_uniform(), "use_bias": self.use_bias}
         for i, (channels, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
-            init = nn.initializers.xavier_uniform()
-            layer = conv(
-                channels * self.width,
-                kernel,
-                stride,
-                self.padding,
-                kernel_init=init,
-                use_bias=self.use_bias,
-                name=f"conv{i}",
-            )
-            x = nn.relu(layer(x))
+            x = nn.relu(conv(channels * self.width, kernel, stride, self.padding, name=f"conv{i}", **kwargs)(x))
         return x.reshape(x.shape[0], -1)
 
 
@@ -387,13 +366,7 @@ class MLPTorso(nn.Module):
         return nn.relu(nn.Dense(256 * self.width, kernel_init=init, use_bias=self.use_bias, name="fc")(x))
 
 
-TORSOS = {
-    "resnet": ImpalaTorso,
-    "cnn": NatureTorso,
-    "nature": functools.partial(NatureTorso, padding="VALID"),
-    "mlp": MLPTorso,
-}
-# ---------------------------------------------------------------------------- end shared: network torso
+TORSOS = {"resnet": ImpalaTorso, "cnn": NatureTorso, "nature": partial(NatureTorso, padding="VALID"), "mlp": MLPTorso}
 
 
 # -------------------------------------------------------------------------------- shared: q network
@@ -417,9 +390,7 @@ class QNetwork(nn.Module):
         return nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="q")(x)
 
 
-# ---------------------------------------------------------------------------- end shared: q network
-
-
+# -------------------------------------------------------------------------------- CQL: network
 class DuelingC51Network(nn.Module):
     """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> dueling C51 head (Dopamine's offline
     ParameterizedRainbowNetwork): logits = V(s) + A(s, a) - mean_a A(s, a), V (1, atoms) and A (A, atoms) from two
@@ -455,9 +426,7 @@ class Batch(NamedTuple):
     next_obs: np.ndarray  # (B, *frame_shape, stack) state s_{t+k}
 
 
-# ------------------------------------------------------------ end shared: batch
-
-
+# -------------------------------------------------------------------------------- CQL: the dataset
 def window_transitions(rewards, terminals, truncation, invalid, stack: int, n_step: int, gamma: float):
     """The valid slots j of slots laid out as in the DQN Replay Dataset (stack - 1 zero-frame padding slots start each
     episode) and their n-step transitions, as Dopamine's circular_replay_buffer.py builds them: R = sum_{k<K} gamma^k
@@ -733,14 +702,11 @@ def target_sparsities(params, sparsity: float, distribution: str):
     """Pytree like params: the final sparsity of each prunable kernel (ERK or uniform), 0.0 elsewhere."""
     leaves, treedef = jax.tree.flatten(params)
     prunable = [i for i, leaf in enumerate(leaves) if is_prunable(leaf)]
-    if distribution == "erk":
-        layer_sparsity = erk_sparsities([leaves[i].shape for i in prunable], sparsity)
-    else:
-        layer_sparsity = [sparsity] * len(prunable)
-    out = [0.0] * len(leaves)
-    for i, s in zip(prunable, layer_sparsity):
-        out[i] = s
-    return jax.tree.unflatten(treedef, out)
+    shapes = [leaves[i].shape for i in prunable]
+    layers = dict(
+        zip(prunable, erk_sparsities(shapes, sparsity) if distribution == "erk" else [sparsity] * len(shapes))
+    )
+    return jax.tree.unflatten(treedef, [layers.get(i, 0.0) for i in range(len(leaves))])
 
 
 def keep_count(size: int, sparsity: float) -> int:
@@ -769,16 +735,21 @@ def is_mask_update_step(method: str, step: int, t_start: int, t_end: int, freque
     return (step - t_start) % frequency == 0 or step == t_end
 
 
-def mask_update_counts(method: str, masks, targets, step: int, t_start: int, t_end: int, drop_fraction: float):
-    """Host-side, exact integers for a mask update at gradient step `step`, as a pytree like the masks:
-    gmp: weights to keep per layer; rigl/set: weights to drop (and regrow), floor(active weights * drop fraction)."""
+def mask_update_counts(args: Args, masks, targets, step: int, window: tuple):
+    """None unless gradient step `step` of the window (t_start, t_end, frequency) updates the masks; then host-side,
+    exact integers as a pytree like the masks: gmp: weights to keep per layer; rigl/set: weights to drop (and regrow),
+    floor(active weights * drop fraction)."""
+    (t_start, t_end, frequency), method = window, args.pruning_method
+    if not is_mask_update_step(method, step, t_start, t_end, frequency):
+        return None
 
     def count(mask, target):
         if not is_prunable(mask):  # biases: keep all, drop none
             return np.int32(mask.size if method == "gmp" else 0)
         if method == "gmp":
             return np.int32(keep_count(mask.size, target * gmp_schedule(step, t_start, t_end)))
-        return np.int32(math.floor(int(mask.sum()) * cosine_drop_fraction(step, t_start, t_end, drop_fraction)))
+        drop = cosine_drop_fraction(step, t_start, t_end, args.drop_fraction)
+        return np.int32(math.floor(int(mask.sum()) * drop))
 
     return jax.tree.map(count, masks, targets)
 
@@ -910,9 +881,6 @@ def pruning_window(args: Args, total_grad_steps: int) -> tuple:
     return t_start, t_end, frequency
 
 
-# ------------------------------------------------------------ end shared: sparse training
-
-
 # ============================================================================================== algorithm: CQL
 def huber_loss(errors: jax.Array, delta: float = 1.0) -> jax.Array:
     """0.5 x^2 if |x| <= delta, else delta (|x| - delta / 2), elementwise (Dopamine's TD loss for CQL)."""
@@ -951,9 +919,7 @@ def cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
     return -jnp.sum(jax.lax.stop_gradient(target_probs) * jax.nn.log_softmax(logits), axis=-1)
 
 
-# ---------------------------------------------------------------------------- end shared: categorical
-
-
+# -------------------------------------------------------------------------------- CQL: loss and update
 def cql_loss(network: nn.Module, params, target_params, batch: Batch, alpha: float):
     """Huber TD loss on y = R + gamma^k (1 - d) max_a' Q_target(s', a'), plus alpha * the mean regularizer.
     Returns (loss, aux): aux holds the two terms (before alpha), and Q(s, a) and y, both (B,)."""
@@ -1056,7 +1022,7 @@ def main(args: Args) -> dict:
     metrics_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 2)
     env.reset(seed=int(rng.integers(2**31)))
 
-    # the network, its masks and optimizer, the update, acting and the analysis
+    # -------- the network, its masks and optimizer, the update, acting and the analysis
     support = jnp.linspace(args.v_min, args.v_max, args.num_atoms)
     layers = (args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias)
     n = env.action_space.n
@@ -1069,7 +1035,7 @@ def main(args: Args) -> dict:
     greedy_action = jax.jit(lambda params, obs: q_fn(params, obs[None], None).argmax(-1)[0])
     analysis = metrics.make_analysis(q_fn, loss_fn, args.metrics_grad_samples)
     total_grad_steps = args.num_iterations * args.grad_steps_per_iteration
-    t_start, t_end, prune_frequency = pruning_window(args, total_grad_steps)
+    window = pruning_window(args, total_grad_steps)  # (t_start, t_end, frequency)
     final_sparsity, summarize = metrics.overall_sparsity(state.params, targets), jax.jit(metrics.sparsity_summary)
 
     # a new run, or a resumed one that goes on exactly where its checkpoint was written
@@ -1084,7 +1050,7 @@ def main(args: Args) -> dict:
             env = saved["env"]
         start, eval_returns = saved["grad_step"], saved["eval_returns"]
         metrics_batch = saved["metrics_batch"] and Batch(*saved["metrics_batch"])
-    extra_config = {"prune_window_grad_steps": [t_start, t_end, prune_frequency], "dataset_transitions": len(dataset)}
+    extra_config = {"prune_window_grad_steps": list(window), "dataset_transitions": len(dataset)}
     run_dir, writer = open_run(args, extra_config, start + 1)  # the x-axis is gradient steps done: start + 1 is next
     if args.resume:
         print(f"resumed {run_dir} at gradient step {start}", flush=True)
@@ -1104,12 +1070,8 @@ def main(args: Args) -> dict:
     window_time, last_print = time.time(), 0.0
     try:
         for grad_step in range(start + 1, total_grad_steps + 1):  # the number of gradient steps done after this one
-            # learn: a gradient step on a uniform batch (with the mask update when one is due), then the target sync
-            counts = None
-            if is_mask_update_step(args.pruning_method, grad_step - 1, t_start, t_end, prune_frequency):
-                counts = mask_update_counts(
-                    args.pruning_method, state.masks, targets, grad_step - 1, t_start, t_end, args.drop_fraction
-                )
+            # -------- learn: a gradient step on a uniform batch (and the mask update when one is due), the target sync
+            counts = mask_update_counts(args, state.masks, targets, grad_step - 1, window)
             state, update_metrics = update(state, dataset.sample(rng, args.batch_size), counts)
             if grad_step % args.target_update_period == 0:
                 state = state.replace(target_params=state.params)
@@ -1126,7 +1088,7 @@ def main(args: Args) -> dict:
             if grad_step % args.log_frequency == 0:
                 now = time.time()
                 sps, window_time = args.log_frequency / max(now - window_time, 1e-9), now
-                schedule = gmp_schedule(grad_step - 1, t_start, t_end) if args.pruning_method == "gmp" else 1.0
+                schedule = gmp_schedule(grad_step - 1, *window[:2]) if args.pruning_method == "gmp" else 1.0
                 scalars = {"charts/SPS": sps, "pruning/target_sparsity": final_sparsity * schedule, **update_metrics}
                 scalars = jax.device_get(dict(scalars, **summarize(state.params)))
                 for tag, value in scalars.items():
@@ -1214,22 +1176,11 @@ def save_model(args: Args, run_dir: str, state) -> None:
     print(f"model saved to {model_path}")
 
 
-# ---------------------------------------------------------------------------- end shared: run files
-
-
 # -------------------------------------------------------------------------------- shared: checkpoints
 CHECKPOINT = "checkpoint.pkl"
 # flags a resumed run may change: what is logged, saved or checkpointed, and the step size of what follows
-RESUME_MAY_CHANGE = (
-    "resume",
-    "save_model",
-    "log_frequency",
-    "metrics_frequency",
-    "checkpoint_frequency",
-    "checkpoint_replay",
-    "learning_rate",
-    "adam_eps",
-)
+RESUME_MAY_CHANGE = ("resume", "save_model", "log_frequency", "metrics_frequency", "checkpoint_frequency")
+RESUME_MAY_CHANGE += ("checkpoint_replay", "learning_rate", "adam_eps")
 
 
 class NonFiniteError(RuntimeError):
@@ -1267,11 +1218,9 @@ def resume_checks(args: Args) -> list:
         for name, value in dataclasses.asdict(args).items()
         if name in config and name not in RESUME_MAY_CHANGE and config[name] != value
     ]
+    theirs = config.get("script", script)
     return [
-        (
-            config.get("script", script) == script,
-            f"--resume {args.resume}: a run of {config.get('script')}, not of {script}",
-        ),
+        (theirs == script, f"--resume {args.resume}: a run of {theirs}, not of {script}"),
         (not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
         (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}"),
     ]
@@ -1298,11 +1247,6 @@ def write_atomically(path: str, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself reaches the disk
-    finally:
-        os.close(directory)
 
 
 def save_checkpoint(run_dir: str, writer, payload: dict) -> SummaryWriter:
@@ -1322,9 +1266,6 @@ def load_checkpoint(run_dir: str) -> dict:
         raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
 
 
-# ---------------------------------------------------------------------------- end shared: checkpoints
-
-
 # -------------------------------------------------------------------------------- shared: command line
 if __name__ == "__main__":
     try:
@@ -1335,4 +1276,3 @@ if __name__ == "__main__":
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-# ---------------------------------------------------------------------------- end shared: command line

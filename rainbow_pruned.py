@@ -24,7 +24,6 @@ Example: python rainbow_pruned.py --env-id ALE/Pong-v5 --width-scale 3   # the p
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import pickle
 import sys
 import time
 from collections import deque
+from functools import partial
 from typing import Any, Literal, NamedTuple, get_args, get_origin
 
 import ale_py
@@ -68,9 +68,8 @@ class Args:
     """env steps between logs of losses, epsilon, SPS and sparsity (episode returns: at every episode end)"""
     checkpoint_replay: bool = True
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
-    # ---------------------------------------------------------------------------- end shared: experiment args
 
-    # algorithm specific arguments (compact Rainbow: the paper's Table 2 and Dopamine's rainbow.gin)
+    # -------- Rainbow's arguments (compact Rainbow: the paper's Table 2 and Dopamine's rainbow.gin)
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine rainbow.gin)"""
     adam_eps: float = 1.5e-4
@@ -113,7 +112,7 @@ class Args:
     v_max: float = 10.0
     """highest atom of the support; the support is linspace(v_min, v_max, num_atoms) (paper Table 2)"""
 
-    # -------------------------------------------------------------------------------- shared: pruning args
+    # -------------------------------------------------------------------------------- shared: sparse and run args
     pruning_method: Literal["gmp", "rigl", "set", "static", "none"] = "gmp"
     """gmp: gradual magnitude pruning (Zhu & Gupta 2017); rigl (Evci et al. 2020) / set (Mocanu et al. 2018):
     dynamic sparse training; static: a random mask at init (Ma et al. 2025); none: dense"""
@@ -135,9 +134,7 @@ class Args:
     mask_sampling: Literal["exact", "bernoulli"] = "exact"
     """random initial masks (static, rigl, set): exactly round(N(1-s)) kept weights per layer, or independent
     Bernoulli(1-s) entries (Ma et al.'s code)"""
-    # ---------------------------------------------------------------------------- end shared: pruning args
 
-    # -------------------------------------------------------------------------------- shared: analysis args
     metrics_frequency: int = 250_000
     """steps between logs of the analysis metrics (common/metrics.py: dormant and dead neurons, srank, norms,
     gradient covariance; env steps, gradient steps in cql_pruned.py); 0: off"""
@@ -146,16 +143,22 @@ class Args:
     metrics_grad_samples: int = 64
     """the first transitions of that batch whose per-sample gradients make the gradient covariance matrix
     (memory: samples x parameters floats)"""
-    # ---------------------------------------------------------------------------- end shared: analysis args
 
-    # -------------------------------------------------------------------------------- shared: checkpoint args
     checkpoint_frequency: int = 0
     """steps between checkpoints of everything the run needs to go on, runs/{run_name}/checkpoint.pkl (env steps;
     gradient steps in cql_pruned.py); 0: off"""
     resume: str | None = None
     """a run directory to continue from its checkpoint, appending to its logs; its config.json gives every flag not
     given here, and flags that change the run are refused"""
-    # ---------------------------------------------------------------------------- end shared: checkpoint args
+
+
+# -------------------------------------------------------------------------------- Rainbow: checks
+def algorithm_checks(args: Args) -> list:
+    """(ok, message) pairs for the Rainbow-only fields."""
+    return [
+        (args.num_atoms >= 2, f"--num-atoms must be >= 2, got {args.num_atoms}"),
+        (args.v_min < args.v_max, f"need --v-min ({args.v_min}) < --v-max ({args.v_max})"),
+    ]
 
 
 # -------------------------------------------------------------------------------- shared: arg checks
@@ -173,10 +176,8 @@ def check_args(args: Args) -> None:
     (start, end), every = prune_window_fractions(args), args.prune_frequency_grad_steps
     samples, batch, name = args.metrics_grad_samples, args.metrics_batch_size, args.exp_name
     checks = [(getattr(args, f) > 0, f"{flag(f)} must be > 0") for f in ("log_frequency", "metrics_batch_size")]
-    checks += [
-        (getattr(args, f) >= 0, f"{flag(f)} must be >= 0 (0: off)")
-        for f in ("metrics_frequency", "checkpoint_frequency")
-    ]
+    off = ("metrics_frequency", "checkpoint_frequency")
+    checks += [(getattr(args, f) >= 0, f"{flag(f)} must be >= 0 (0: off)") for f in off]
     checks += [
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.width_scale > 0, f"--width-scale must be a positive integer, got {args.width_scale}"),
@@ -195,38 +196,18 @@ def check_args(args: Args) -> None:
             raise ArgsError(message)
 
 
-# ---------------------------------------------------------------------------- end shared: arg checks
-
-
 # -------------------------------------------------------------------------------- shared: online checks
 def run_checks(args: Args) -> list:
     """(ok, message) pairs for the online loop's fields (replay, exploration, schedule)."""
-    a = args
+    a, starts, batch = args, args.learning_starts, args.batch_size
     positive = ("total_timesteps", "learning_rate", "adam_eps", "batch_size", "train_frequency", "exploration_steps")
     return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in (*positive, "target_network_frequency")] + [
-        (a.buffer_size >= a.batch_size, f"--buffer-size ({a.buffer_size}) must be >= --batch-size ({a.batch_size})"),
+        (a.buffer_size >= batch, f"--buffer-size ({a.buffer_size}) must be >= --batch-size ({batch})"),
         (0 < a.gamma <= 1, "--gamma must be in (0, 1]"),
         (a.n_step >= 1, "--n-step must be >= 1"),
         (0 <= a.end_e <= a.start_e <= 1, "need 0 <= --end-e <= --start-e <= 1"),
-        (
-            a.learning_starts >= a.batch_size,
-            f"--learning-starts ({a.learning_starts}) must be >= --batch-size ({a.batch_size})",
-        ),
-        (
-            a.learning_starts < a.total_timesteps,
-            "--learning-starts must be < --total-timesteps (no gradient step would run)",
-        ),
-    ]
-
-
-# ---------------------------------------------------------------------------- end shared: online checks
-
-
-def algorithm_checks(args: Args) -> list:
-    """(ok, message) pairs for the Rainbow-only fields."""
-    return [
-        (args.num_atoms >= 2, f"--num-atoms must be >= 2, got {args.num_atoms}"),
-        (args.v_min < args.v_max, f"need --v-min ({args.v_min}) < --v-max ({args.v_max})"),
+        (starts >= batch, f"--learning-starts ({starts}) must be >= --batch-size ({batch})"),
+        (starts < a.total_timesteps, "--learning-starts must be < --total-timesteps (no gradient step would run)"),
     ]
 
 
@@ -302,9 +283,6 @@ def make_env(env_id: str):
     return env, False
 
 
-# ------------------------------------------------------------ end shared: environment
-
-
 # ===================================================================================================== network
 # -------------------------------------------------------------------------------- shared: network torso
 def conv(channels: int, kernel: int, stride: int = 1, padding: str = "SAME", **kwargs) -> nn.Conv:
@@ -345,18 +323,9 @@ class NatureTorso(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32) / 255.0
+        kwargs = {"kernel_init": nn.initializers.xavier_uniform(), "use_bias": self.use_bias}
         for i, (channels, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
-            init = nn.initializers.xavier_uniform()
-            layer = conv(
-                channels * self.width,
-                kernel,
-                stride,
-                self.padding,
-                kernel_init=init,
-                use_bias=self.use_bias,
-                name=f"conv{i}",
-            )
-            x = nn.relu(layer(x))
+            x = nn.relu(conv(channels * self.width, kernel, stride, self.padding, name=f"conv{i}", **kwargs)(x))
         return x.reshape(x.shape[0], -1)
 
 
@@ -373,15 +342,10 @@ class MLPTorso(nn.Module):
         return nn.relu(nn.Dense(256 * self.width, kernel_init=init, use_bias=self.use_bias, name="fc")(x))
 
 
-TORSOS = {
-    "resnet": ImpalaTorso,
-    "cnn": NatureTorso,
-    "nature": functools.partial(NatureTorso, padding="VALID"),
-    "mlp": MLPTorso,
-}
-# ---------------------------------------------------------------------------- end shared: network torso
+TORSOS = {"resnet": ImpalaTorso, "cnn": NatureTorso, "nature": partial(NatureTorso, padding="VALID"), "mlp": MLPTorso}
 
 
+# -------------------------------------------------------------------------------- Rainbow: network
 class RainbowNetwork(nn.Module):
     """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A*atoms, xavier_uniform (Dopamine's Impala heads).
     (B, ...) -> logits (B, A, atoms); a softmax over the last axis gives each action's return distribution."""
@@ -413,9 +377,6 @@ class Batch(NamedTuple):
     rewards: np.ndarray  # (B,) float32, n-step discounted sum of (clipped) rewards
     discounts: np.ndarray  # (B,) float32, gamma^k * (1 - terminated); k <= n steps actually taken
     next_obs: np.ndarray  # (B, *frame_shape, stack) state s_{t+k}
-
-
-# ------------------------------------------------------------ end shared: batch
 
 
 # ---------------------------------------------------------------- shared: replay buffer
@@ -512,9 +473,7 @@ class ReplayBuffer:
         return self.sample_slots(rng, batch_size)[0]
 
 
-# ------------------------------------------------------------ end shared: replay buffer
-
-
+# -------------------------------------------------------------------------------- Rainbow: prioritized replay
 class SumTree:
     """Priorities of `capacity` slots in a binary tree of sums, O(log capacity) per update and draw. Node 1 is the
     root, node i has children 2i and 2i+1, slot j is leaf node `leaves + j` (`leaves`: the smallest power of two >=
@@ -630,14 +589,11 @@ def target_sparsities(params, sparsity: float, distribution: str):
     """Pytree like params: the final sparsity of each prunable kernel (ERK or uniform), 0.0 elsewhere."""
     leaves, treedef = jax.tree.flatten(params)
     prunable = [i for i, leaf in enumerate(leaves) if is_prunable(leaf)]
-    if distribution == "erk":
-        layer_sparsity = erk_sparsities([leaves[i].shape for i in prunable], sparsity)
-    else:
-        layer_sparsity = [sparsity] * len(prunable)
-    out = [0.0] * len(leaves)
-    for i, s in zip(prunable, layer_sparsity):
-        out[i] = s
-    return jax.tree.unflatten(treedef, out)
+    shapes = [leaves[i].shape for i in prunable]
+    layers = dict(
+        zip(prunable, erk_sparsities(shapes, sparsity) if distribution == "erk" else [sparsity] * len(shapes))
+    )
+    return jax.tree.unflatten(treedef, [layers.get(i, 0.0) for i in range(len(leaves))])
 
 
 def keep_count(size: int, sparsity: float) -> int:
@@ -666,16 +622,21 @@ def is_mask_update_step(method: str, step: int, t_start: int, t_end: int, freque
     return (step - t_start) % frequency == 0 or step == t_end
 
 
-def mask_update_counts(method: str, masks, targets, step: int, t_start: int, t_end: int, drop_fraction: float):
-    """Host-side, exact integers for a mask update at gradient step `step`, as a pytree like the masks:
-    gmp: weights to keep per layer; rigl/set: weights to drop (and regrow), floor(active weights * drop fraction)."""
+def mask_update_counts(args: Args, masks, targets, step: int, window: tuple):
+    """None unless gradient step `step` of the window (t_start, t_end, frequency) updates the masks; then host-side,
+    exact integers as a pytree like the masks: gmp: weights to keep per layer; rigl/set: weights to drop (and regrow),
+    floor(active weights * drop fraction)."""
+    (t_start, t_end, frequency), method = window, args.pruning_method
+    if not is_mask_update_step(method, step, t_start, t_end, frequency):
+        return None
 
     def count(mask, target):
         if not is_prunable(mask):  # biases: keep all, drop none
             return np.int32(mask.size if method == "gmp" else 0)
         if method == "gmp":
             return np.int32(keep_count(mask.size, target * gmp_schedule(step, t_start, t_end)))
-        return np.int32(math.floor(int(mask.sum()) * cosine_drop_fraction(step, t_start, t_end, drop_fraction)))
+        drop = cosine_drop_fraction(step, t_start, t_end, args.drop_fraction)
+        return np.int32(math.floor(int(mask.sum()) * drop))
 
     return jax.tree.map(count, masks, targets)
 
@@ -807,7 +768,22 @@ def pruning_window(args: Args, total_grad_steps: int) -> tuple:
     return t_start, t_end, frequency
 
 
-# ------------------------------------------------------------ end shared: sparse training
+# -------------------------------------------------------------------------------- shared: schedules
+def linear_epsilon(args: Args, step: int) -> float:
+    """Epsilon at env step `step`: --start-e until learning starts, then linear to --end-e over --exploration-steps."""
+    fraction = min(max((step - args.learning_starts) / args.exploration_steps, 0.0), 1.0)
+    return args.start_e + fraction * (args.end_e - args.start_e)
+
+
+def num_grad_steps(total_timesteps: int, learning_starts: int, train_frequency: int) -> int:
+    """Gradient steps of a run: one at every env step t >= learning_starts, t < total, t % train_frequency == 0."""
+    first = -(-learning_starts // train_frequency) * train_frequency
+    return len(range(first, total_timesteps, train_frequency))
+
+
+def prune_window(args: Args) -> tuple:
+    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps."""
+    return pruning_window(args, num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency))
 
 
 # ========================================================================================== algorithm: Rainbow
@@ -835,9 +811,7 @@ def cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
     return -jnp.sum(jax.lax.stop_gradient(target_probs) * jax.nn.log_softmax(logits), axis=-1)
 
 
-# ---------------------------------------------------------------------------- end shared: categorical
-
-
+# -------------------------------------------------------------------------------- Rainbow: loss and update
 def importance_weights(probs: jax.Array) -> jax.Array:
     """PER weights (P_i + 1e-10)^-1/2 over their batch maximum (Dopamine's rainbow_agent.py). (B,) -> (B,) in (0, 1]."""
     weights = 1.0 / jnp.sqrt(probs + 1e-10)
@@ -891,27 +865,6 @@ def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
 
 
 # ========================================================================================================== main
-# -------------------------------------------------------------------------------- shared: schedules
-def linear_epsilon(step: int, start_e: float, end_e: float, exploration_steps: int, learning_starts: int) -> float:
-    """Epsilon at env step `step`: start_e until learning starts, then linear to end_e over exploration_steps."""
-    fraction = min(max((step - learning_starts) / exploration_steps, 0.0), 1.0)
-    return start_e + fraction * (end_e - start_e)
-
-
-def num_grad_steps(total_timesteps: int, learning_starts: int, train_frequency: int) -> int:
-    """Gradient steps of a run: one at every env step t >= learning_starts, t < total, t % train_frequency == 0."""
-    first = -(-learning_starts // train_frequency) * train_frequency
-    return len(range(first, total_timesteps, train_frequency))
-
-
-def prune_window(args: Args) -> tuple:
-    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps."""
-    return pruning_window(args, num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency))
-
-
-# ---------------------------------------------------------------------------- end shared: schedules
-
-
 def main(args: Args) -> dict:
     """Trains; returns {"run_dir": ..., "episodic_returns": [...]}."""
     # -------------------------------------------------------------------------------- shared: setup
@@ -928,9 +881,8 @@ def main(args: Args) -> dict:
     rng, mask_rng, metrics_rng = (np.random.default_rng(seed) for seed in (args.seed, [args.seed, 1], [args.seed, 2]))
     init_key, train_key = jax.random.split(jax.random.PRNGKey(args.seed))
     metrics_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 2)
-    # ---------------------------------------------------------------------------- end shared: setup
 
-    # the network, its masks and optimizer, the update, acting and replay
+    # -------- the network, its masks and optimizer, the update, acting and replay
     network = RainbowNetwork(
         env.action_space.n,
         args.num_atoms,
@@ -952,7 +904,7 @@ def main(args: Args) -> dict:
 
     # -------------------------------------------------------------------------------- shared: start or resume
     analysis = metrics.make_analysis(q_fn, loss_fn, args.metrics_grad_samples)
-    t_start, t_end, prune_frequency = prune_window(args)
+    window = prune_window(args)  # (t_start, t_end, frequency) in gradient steps
     final_sparsity, summarize = metrics.overall_sparsity(state.params, targets), jax.jit(metrics.sparsity_summary)
     obs_frame, _ = env.reset(seed=int(rng.integers(2**31)))
     frames = deque([np.zeros_like(obs_frame)] * (stack - 1) + [obs_frame], maxlen=stack)  # zeros before the start
@@ -970,16 +922,13 @@ def main(args: Args) -> dict:
         obs_frame, frames = saved["obs_frame"], deque(saved["frames"], maxlen=stack)
         start, grad_step, returns = saved["global_step"] + 1, saved["grad_step"], saved["returns"]
         episode_return, episode_length = saved["episode_return"], saved["episode_length"]
-        update_metrics, metrics_batch = (
-            saved["update_metrics"],
-            saved["metrics_batch"] and Batch(*saved["metrics_batch"]),
-        )
+        update_metrics, metrics_batch = saved["update_metrics"], saved["metrics_batch"]
+        metrics_batch = metrics_batch and Batch(*metrics_batch)
         if saved["replay"] is not None:
             rb.__setstate__(saved["replay"])
         else:  # refill the buffer before learning again
             learning_starts = start + args.learning_starts
-    extra_config = {"prune_window_grad_steps": [t_start, t_end, prune_frequency]}
-    run_dir, writer = open_run(args, extra_config, start)
+    run_dir, writer = open_run(args, {"prune_window_grad_steps": list(window)}, start)
     if args.resume:
         print(f"resumed {run_dir} at env step {start}, gradient step {grad_step}", flush=True)
 
@@ -1003,13 +952,10 @@ def main(args: Args) -> dict:
         return save_checkpoint(run_dir, writer, payload)
 
     window_step, window_time, last_print = start, time.time(), time.time()
-    # ---------------------------------------------------------------------------- end shared: start or resume
     try:
         for global_step in range(start, args.total_timesteps):
             # -------------------------------------------------------------------- shared: act and store
-            epsilon = linear_epsilon(
-                global_step, args.start_e, args.end_e, args.exploration_steps, args.learning_starts
-            )
+            epsilon = linear_epsilon(args, global_step)
             if rng.random() < epsilon:
                 action = int(rng.integers(env.action_space.n))
             else:  # the one device-to-host transfer of an ordinary step
@@ -1027,16 +973,11 @@ def main(args: Args) -> dict:
                 frames.extend([np.zeros_like(next_frame)] * (stack - 1))
             frames.append(next_frame)
             obs_frame = next_frame
-            # ---------------------------------------------------------------- end shared: act and store
 
-            # learn: a gradient step every train_frequency env steps (with the mask update when one is due)
+            # -------- learn: a gradient step every train_frequency env steps (with the mask update when one is due)
             if global_step >= learning_starts:
                 if global_step % args.train_frequency == 0:
-                    counts = None
-                    if is_mask_update_step(args.pruning_method, grad_step, t_start, t_end, prune_frequency):
-                        counts = mask_update_counts(
-                            args.pruning_method, state.masks, targets, grad_step, t_start, t_end, args.drop_fraction
-                        )
+                    counts = mask_update_counts(args, state.masks, targets, grad_step, window)
                     batch, slots, probs = rb.sample(rng, args.batch_size)  # a prioritized batch
                     state, update_metrics, priorities = update(state, batch, probs, counts)
                     priorities = jax.device_get(priorities)  # PER's own device-to-host transfer, every gradient step
@@ -1052,9 +993,8 @@ def main(args: Args) -> dict:
                 now = time.time()
                 sps = (done - window_step) / max(now - window_time, 1e-9)
                 window_step, window_time = done, now
-                scheduled = final_sparsity * (
-                    gmp_schedule(grad_step - 1, t_start, t_end) if args.pruning_method == "gmp" else 1.0
-                )
+                gmp = args.pruning_method == "gmp"
+                scheduled = final_sparsity * (gmp_schedule(grad_step - 1, *window[:2]) if gmp else 1.0)
                 scalars = {"charts/SPS": sps, "charts/epsilon": epsilon, "charts/grad_steps": grad_step}
                 scalars.update({"pruning/target_sparsity": scheduled, **(update_metrics or {})})
                 scalars, finite = jax.device_get((dict(scalars, **summarize(state.params)), state.finite))
@@ -1083,7 +1023,6 @@ def main(args: Args) -> dict:
                 metrics.write_analysis(writer, results, global_step)
             if args.checkpoint_frequency and done % args.checkpoint_frequency == 0:
                 writer = checkpoint(global_step)
-            # ---------------------------------------------------------------- end shared: log and checkpoint
     finally:  # also when interrupted: the logs so far are kept
         writer.close()
     if args.save_model:
@@ -1141,22 +1080,11 @@ def save_model(args: Args, run_dir: str, state) -> None:
     print(f"model saved to {model_path}")
 
 
-# ---------------------------------------------------------------------------- end shared: run files
-
-
 # -------------------------------------------------------------------------------- shared: checkpoints
 CHECKPOINT = "checkpoint.pkl"
 # flags a resumed run may change: what is logged, saved or checkpointed, and the step size of what follows
-RESUME_MAY_CHANGE = (
-    "resume",
-    "save_model",
-    "log_frequency",
-    "metrics_frequency",
-    "checkpoint_frequency",
-    "checkpoint_replay",
-    "learning_rate",
-    "adam_eps",
-)
+RESUME_MAY_CHANGE = ("resume", "save_model", "log_frequency", "metrics_frequency", "checkpoint_frequency")
+RESUME_MAY_CHANGE += ("checkpoint_replay", "learning_rate", "adam_eps")
 
 
 class NonFiniteError(RuntimeError):
@@ -1194,11 +1122,9 @@ def resume_checks(args: Args) -> list:
         for name, value in dataclasses.asdict(args).items()
         if name in config and name not in RESUME_MAY_CHANGE and config[name] != value
     ]
+    theirs = config.get("script", script)
     return [
-        (
-            config.get("script", script) == script,
-            f"--resume {args.resume}: a run of {config.get('script')}, not of {script}",
-        ),
+        (theirs == script, f"--resume {args.resume}: a run of {theirs}, not of {script}"),
         (not differences, f"cannot resume {args.resume} with other flags: {'; '.join(differences)}"),
         (os.path.isfile(os.path.join(args.resume, CHECKPOINT)), f"--resume {args.resume}: it has no {CHECKPOINT}"),
     ]
@@ -1225,11 +1151,6 @@ def write_atomically(path: str, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself reaches the disk
-    finally:
-        os.close(directory)
 
 
 def save_checkpoint(run_dir: str, writer, payload: dict) -> SummaryWriter:
@@ -1249,9 +1170,6 @@ def load_checkpoint(run_dir: str) -> dict:
         raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
 
 
-# ---------------------------------------------------------------------------- end shared: checkpoints
-
-
 # -------------------------------------------------------------------------------- shared: command line
 if __name__ == "__main__":
     try:
@@ -1262,4 +1180,3 @@ if __name__ == "__main__":
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-# ---------------------------------------------------------------------------- end shared: command line

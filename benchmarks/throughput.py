@@ -77,8 +77,8 @@ def measure_pieces(dqn, args, calls: int) -> dict:
 
     pieces["act"] = rate(lambda: greedy_action(state.params, np.stack([frame] * stack, axis=-1), 0), calls)
     pieces["sample"] = rate(lambda: rb.sample(rng, args.batch_size), calls)
-    t0, t1, _ = dqn.prune_window(args)  # a mask update at the window's start
-    counts = dqn.mask_update_counts(args.pruning_method, state.masks, targets, t0, t0, t1, args.drop_fraction)
+    window = dqn.prune_window(args)
+    counts = dqn.mask_update_counts(args, state.masks, targets, window[0], window)  # a mask update at the start
     pruned = args.pruning_method in ("gmp", "rigl", "set")
 
     def learn(step_counts=None):  # one gradient step (a batch sampled, the update), from the same state each time

@@ -113,4 +113,4 @@ def test_epsilon_schedule_matches_dopamine():
     # the paper's Table 2: eps(t) = 0.01 + clip(0.99 (250k + 20k - t) / 250k, 0, 0.99)
     for t in (0, 19_999, 20_000, 100_000, 269_999, 270_000, 5_000_000):
         expected = 0.01 + min(max(0.99 * (250_000 + 20_000 - t) / 250_000, 0.0), 0.99)
-        assert dqn.linear_epsilon(t, 1.0, 0.01, 250_000, 20_000) == pytest.approx(expected)
+        assert dqn.linear_epsilon(dqn.Args(), t) == pytest.approx(expected)  # the defaults: the paper's

@@ -225,9 +225,8 @@ def run_gmp(maybe_jit, steps=60, t_start=10, t_end=40, frequency=5, sparsity=0.9
     for c in range(steps):
         key, grad_key = jax.random.split(key)
         grads = random_grads(grad_key, state.params)
-        counts = None
-        if dqn.is_mask_update_step("gmp", c, t_start, t_end, frequency):
-            counts = dqn.mask_update_counts("gmp", state.masks, targets, c, t_start, t_end, 0.0)
+        counts = dqn.mask_update_counts(dqn.Args(), state.masks, targets, c, (t_start, t_end, frequency))
+        assert (counts is not None) == dqn.is_mask_update_step("gmp", c, t_start, t_end, frequency)
         pre_params = state.params
         state = step(state, grads, counts)
         history.append((c, counts, pre_params, state))
@@ -304,7 +303,9 @@ def test_rigl_set_keep_density_and_reset_grown_moments(maybe_jit, method):
         key, grad_key = jax.random.split(key)
         state = step(state, random_grads(grad_key, state.params), None)
     grads = random_grads(key, state.params)
-    counts = dqn.mask_update_counts(method, state.masks, targets, 0, 0, 100, 0.3)
+    counts = dqn.mask_update_counts(
+        dqn.Args(pruning_method=method, drop_fraction=0.3), state.masks, targets, 0, (0, 100, 1)
+    )
     new = step(state, grads, counts)
     grew_any = False
     for name in ("conv", "dense"):
@@ -341,7 +342,8 @@ def test_rigl_drop_count_uses_the_active_weights():
     target count."""
     masks = {"w": np.zeros((20, 10), np.uint8), "b": np.ones(10, np.uint8)}
     masks["w"].reshape(-1)[:95] = 1
-    counts = dqn.mask_update_counts("rigl", masks, {"w": 0.5, "b": 0.0}, 50, 0, 100, 0.6)
+    args = dqn.Args(pruning_method="rigl", drop_fraction=0.6)
+    counts = dqn.mask_update_counts(args, masks, {"w": 0.5, "b": 0.0}, 50, (0, 100, 50))
     assert counts == {"w": math.floor(95 * 0.3), "b": 0}  # cosine at the window's middle: f = 0.6 / 2
 
 
