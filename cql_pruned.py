@@ -86,7 +86,7 @@ class Args:
     log_frequency: int = 1000
     """gradient steps between logs of losses, SPS and sparsity (evaluations: after every iteration)"""
 
-    # -------- CQL's arguments (CQL, CQL+C51: the paper's Table 3; Dopamine's jax_dr3.gin and jax_rainbow.gin)
+    # -------- algorithm arguments (CQL, CQL+C51: the paper's Table 3; Dopamine's jax_dr3.gin and jax_rainbow.gin)
     c51: bool = False
     """CQL+C51: dueling C51 head, double-DQN target, and the CQL+C51 column of Table 3 for every unset flag"""
     learning_rate: float | None = None
@@ -161,7 +161,7 @@ class Args:
     given here, and flags that change the run are refused"""
 
 
-# -------------------------------------------------------------------------------- CQL: checks
+# -------------------------------------------------------------------------------- algorithm checks
 def resolve(args: Args) -> Args:
     """Fills the unset algorithm flags with the CQL or the CQL+C51 column of the paper's Table 3."""
     defaults = (6.25e-5, 1.5e-4, 3, 100, True) if args.c51 else (5e-5, 3.125e-4, 1, 2000, False)

@@ -70,7 +70,7 @@ class Args:
     checkpoint_replay: bool = True
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
-    # -------- DQN's arguments (Mnih et al. 2015; the paper's Table 2 and Dopamine's dqn.gin)
+    # -------- algorithm arguments (DQN: Mnih et al. 2015; the paper's Table 2 and Dopamine's dqn.gin)
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine dqn.gin)"""
     adam_eps: float = 1.5e-4
@@ -147,7 +147,7 @@ class Args:
     given here, and flags that change the run are refused"""
 
 
-# -------------------------------------------------------------------------------- DQN: checks
+# -------------------------------------------------------------------------------- algorithm checks
 def algorithm_checks(args: Args) -> list:
     """(ok, message) pairs for the DQN-only fields: none."""
     return []

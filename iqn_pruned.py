@@ -65,7 +65,7 @@ class Args:
     checkpoint_replay: bool = True
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
-    # -------- IQN's arguments (Dabney et al. 2018; the paper's Table 2 and Dopamine's implicit_quantile.gin)
+    # -------- algorithm arguments (IQN: Dabney et al. 2018; the paper's Table 2 and Dopamine's implicit_quantile.gin)
     learning_rate: float = 5e-5
     """Adam learning rate (paper Table 2; Dopamine implicit_quantile.gin)"""
     adam_eps: float = 3.125e-4
@@ -152,7 +152,7 @@ class Args:
     given here, and flags that change the run are refused"""
 
 
-# -------------------------------------------------------------------------------- IQN: checks
+# -------------------------------------------------------------------------------- algorithm checks
 def algorithm_checks(args: Args) -> list:
     """(ok, message) pairs for the IQN-only fields."""
     return [

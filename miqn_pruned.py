@@ -71,7 +71,7 @@ class Args:
     checkpoint_replay: bool = True
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
-    # -------- M-IQN's arguments (IQN: Dabney et al. 2018; the paper's Table 2 and Dopamine's implicit_quantile.gin)
+    # -------- algorithm arguments (IQN: Dabney et al. 2018; the paper's Table 2 and Dopamine's implicit_quantile.gin)
     learning_rate: float = 5e-5
     """Adam learning rate (paper Table 2; Dopamine implicit_quantile.gin)"""
     adam_eps: float = 3.125e-4
@@ -164,7 +164,7 @@ class Args:
     given here, and flags that change the run are refused"""
 
 
-# -------------------------------------------------------------------------------- M-IQN: checks
+# -------------------------------------------------------------------------------- algorithm checks
 def algorithm_checks(args: Args) -> list:
     """(ok, message) pairs for the IQN-only and Munchausen fields."""
     return [
@@ -366,7 +366,7 @@ class MLPTorso(nn.Module):
 TORSOS = {"resnet": ImpalaTorso, "cnn": NatureTorso, "nature": partial(NatureTorso, padding="VALID"), "mlp": MLPTorso}
 
 
-# -------------------------------------------------------------------------------- M-IQN: network
+# -------------------------------------------------------------------------------- IQN: network
 class IQNNetwork(nn.Module):
     """Implicit quantile network (Dabney et al. 2018, Sec. 3; Dopamine's ImplicitQuantileNetwork): phi = torso(s) with
     d features; e(tau) = ReLU(Dense_d(cos(pi i tau), i = 1..dim)); Dense 512 (*k with scale_dense) -> ReLU -> Dense A

@@ -69,7 +69,7 @@ class Args:
     checkpoint_replay: bool = True
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
-    # -------- Rainbow's arguments (compact Rainbow: the paper's Table 2 and Dopamine's rainbow.gin)
+    # -------- algorithm arguments (compact Rainbow: the paper's Table 2 and Dopamine's rainbow.gin)
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine rainbow.gin)"""
     adam_eps: float = 1.5e-4
@@ -152,7 +152,7 @@ class Args:
     given here, and flags that change the run are refused"""
 
 
-# -------------------------------------------------------------------------------- Rainbow: checks
+# -------------------------------------------------------------------------------- algorithm checks
 def algorithm_checks(args: Args) -> list:
     """(ok, message) pairs for the Rainbow-only fields."""
     return [
