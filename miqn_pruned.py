@@ -648,22 +648,18 @@ class TrainState(struct.PyTreeNode):
     finite: jax.Array  # False once a step was refused for a non-finite loss: the state stays the last good one
 
 
-def init_train_state(
-    args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key: jax.Array
-) -> tuple:
+def init_train_state(args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key) -> tuple:
     """(TrainState, per-layer target sparsities): masks all ones for gmp and none, random at the targets for
     static/rigl/set (from mask_rng); params masked; the target network a copy of them."""
-    targets = target_sparsities(
-        params, args.sparsity if args.pruning_method != "none" else 0.0, args.sparsity_distribution
-    )
+    sparsity = args.sparsity if args.pruning_method != "none" else 0.0
+    targets = target_sparsities(params, sparsity, args.sparsity_distribution)
     if args.pruning_method in ("static", "rigl", "set"):
         masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
     else:
         masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
     params = apply_masks(params, masks)
-    return TrainState(
-        params, params, masks, tx.init(params), jnp.zeros((), jnp.int32), key, jnp.ones((), bool)
-    ), targets
+    state = TrainState(params, params, masks, tx.init(params), jnp.zeros((), jnp.int32), key, jnp.ones((), bool))
+    return state, targets
 
 
 def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
@@ -858,15 +854,14 @@ def main(args: Args) -> dict:
     if args.resume:  # go on exactly where the checkpoint was written
         saved = load_checkpoint(args.resume)
         state = restore_leaves(state, saved["train_state"])
-        rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rng"], saved["metrics_rng"]
+        rng.bit_generator.state, metrics_rng.bit_generator.state = saved["rngs"]
         if is_atari:  # the Atari env replays its episode from its start
             env.__setstate__(saved["env"])
         else:
             env = saved["env"]
-        obs_frame, frames = saved["obs_frame"], deque(saved["frames"], maxlen=stack)
-        start, grad_step, returns = saved["global_step"] + 1, saved["grad_step"], saved["returns"]
-        episode_return, episode_length = saved["episode_return"], saved["episode_length"]
-        update_metrics, metrics_batch = saved["update_metrics"], saved["metrics_batch"]
+        obs_frame, frames, episode_return, episode_length, returns = saved["episode"]
+        frames, start, grad_step = deque(frames, maxlen=stack), saved["global_step"] + 1, saved["grad_step"]
+        update_metrics, metrics_batch = saved["metrics"]
         metrics_batch = metrics_batch and Batch(*metrics_batch)
         if saved["replay"] is not None:
             rb.__setstate__(saved["replay"])
@@ -881,16 +876,10 @@ def main(args: Args) -> dict:
             "global_step": global_step,
             "grad_step": int(jax.device_get(state.grad_step)),
             "train_state": saved_leaves(state),
-            "rng": rng.bit_generator.state,
-            "metrics_rng": metrics_rng.bit_generator.state,
+            "rngs": (rng.bit_generator.state, metrics_rng.bit_generator.state),
             "env": env.__getstate__() if is_atari else env,
-            "obs_frame": obs_frame,
-            "frames": list(frames),
-            "episode_return": episode_return,
-            "episode_length": episode_length,
-            "returns": returns,
-            "update_metrics": jax.device_get(update_metrics),
-            "metrics_batch": metrics_batch and tuple(metrics_batch),
+            "episode": (obs_frame, list(frames), episode_return, episode_length, returns),  # and the returns so far
+            "metrics": (jax.device_get(update_metrics), metrics_batch and tuple(metrics_batch)),
             "replay": rb.__getstate__() if args.checkpoint_replay else None,
         }
         return save_checkpoint(run_dir, writer, payload)
@@ -991,9 +980,8 @@ def open_run(args: Args, extra_config: dict, start: int) -> tuple:
         config = saved_config(args.resume)
         config.update({k: v for k, v in dataclasses.asdict(args).items() if k in RESUME_MAY_CHANGE and k != "resume"})
         config.setdefault("resumed_at_step", []).append(start)
-        write_atomically(
-            os.path.join(args.resume, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode())
-        )
+        text = json.dumps(config, indent=2).encode()
+        write_atomically(os.path.join(args.resume, "config.json"), lambda f: f.write(text))
         return args.resume, open_writer(args.resume, purge_step=start)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir, suffix = os.path.join("runs", run_name), 0
@@ -1042,9 +1030,9 @@ def saved_config(run_dir: str) -> dict:
 
 def resume_defaults(argv: list) -> Args | None:
     """With --resume RUN_DIR on the command line: Args holding the run's saved flags, the defaults of the others."""
-    for i, flag in enumerate(argv):
-        if flag == "--resume" and i + 1 < len(argv) or flag.startswith("--resume="):
-            config = saved_config(argv[i + 1] if flag == "--resume" else flag.split("=", 1)[1])
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv) or arg.startswith("--resume="):
+            config = saved_config(argv[i + 1] if arg == "--resume" else arg.split("=", 1)[1])
             return Args(
                 **{field.name: config[field.name] for field in dataclasses.fields(Args) if field.name in config}
             )
@@ -1114,9 +1102,6 @@ def load_checkpoint(run_dir: str) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, default=resume_defaults(sys.argv[1:])))
-    except ArgsError as error:  # a bad flag: nothing was written
+    except (ArgsError, NonFiniteError) as error:  # a bad flag (nothing was written): 2; a non-finite loss: 1
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(error, ArgsError) else 1)
