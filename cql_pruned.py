@@ -57,7 +57,7 @@ gym.register_envs(ale_py)  # makes the ALE/...-v5 ids known to gymnasium
 # ============================================================================================================ Args
 @dataclasses.dataclass(frozen=True)
 class Args:
-    # experiment arguments of the offline run
+    # -------- experiment arguments of the offline run
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment; the run directory is runs/{env}__{exp_name}__{seed}__{unix time}"""
     seed: int = 1
@@ -161,7 +161,7 @@ class Args:
     given here, and flags that change the run are refused"""
 
 
-# -------------------------------------------------------------------------------- algorithm checks
+# -------------------------------------------------------------------------------- algorithm defaults and checks
 def resolve(args: Args) -> Args:
     """Fills the unset algorithm flags with the CQL or the CQL+C51 column of the paper's Table 3."""
     defaults = (6.25e-5, 1.5e-4, 3, 100, True) if args.c51 else (5e-5, 3.125e-4, 1, 2000, False)
@@ -1034,7 +1034,7 @@ def main(args: Args) -> dict:
     window = pruning_window(args, total_grad_steps)  # (t_start, t_end, frequency)
     final_sparsity, summarize = metrics.overall_sparsity(state.params, targets), jax.jit(metrics.sparsity_summary)
 
-    # a new run, or a resumed one that goes on exactly where its checkpoint was written
+    # -------- start or resume: a new run, or a resumed one that goes on exactly where its checkpoint was written
     start, eval_returns, metrics_batch = 0, [], None
     if args.resume:
         saved = load_checkpoint(args.resume)
@@ -1071,7 +1071,7 @@ def main(args: Args) -> dict:
             if grad_step % args.target_update_period == 0:
                 state = state.replace(target_params=state.params)
 
-            # log, evaluate and checkpoint: the only places the host waits for the device
+            # -------- log, evaluate and checkpoint: the only places the host waits for the device
             iteration_done = grad_step % args.grad_steps_per_iteration == 0
             if (grad_step % args.log_frequency == 0 or iteration_done) and not jax.device_get(state.finite):
                 good = int(jax.device_get(state.grad_step))  # the update refused a step: the state is the last good one
@@ -1255,9 +1255,12 @@ def load_checkpoint(run_dir: str) -> dict:
     """The payload of run_dir/checkpoint.pkl (a leftover checkpoint.pkl.tmp, cut short, is never read)."""
     try:
         with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
-            return pickle.load(f)
+            saved = pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError) as error:
         raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
+    if "rngs" not in saved:  # the layout before 2026-12-03 kept each generator under a key of its own
+        raise ArgsError(f"--resume {run_dir}: its {CHECKPOINT} was written by an older version of this script")
+    return saved
 
 
 # -------------------------------------------------------------------------------- shared: command line

@@ -684,6 +684,7 @@ def pruning_window(args: Args, total_grad_steps: int) -> tuple:
     return t_start, t_end, frequency
 
 
+# ===================================================================================================== schedules
 # -------------------------------------------------------------------------------- shared: schedules
 def linear_epsilon(args: Args, step: int) -> float:
     """Epsilon at env step `step`: --start-e until learning starts, then linear to --end-e over --exploration-steps."""
@@ -846,7 +847,7 @@ def main(args: Args) -> dict:
             "train_state": saved_leaves(state),
             "rngs": (rng.bit_generator.state, metrics_rng.bit_generator.state),
             "env": env.__getstate__() if is_atari else env,
-            "episode": (obs_frame, list(frames), episode_return, episode_length, returns),  # and the returns so far
+            "episode": (obs_frame, list(frames), episode_return, episode_length, returns),  # returns: of those done
             "metrics": (jax.device_get(update_metrics), metrics_batch and tuple(metrics_batch)),
             "replay": rb.__getstate__() if args.checkpoint_replay else None,
         }
@@ -1061,9 +1062,12 @@ def load_checkpoint(run_dir: str) -> dict:
     """The payload of run_dir/checkpoint.pkl (a leftover checkpoint.pkl.tmp, cut short, is never read)."""
     try:
         with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
-            return pickle.load(f)
+            saved = pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError) as error:
         raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
+    if "rngs" not in saved:  # the layout before 2026-12-03 kept each generator under a key of its own
+        raise ArgsError(f"--resume {run_dir}: its {CHECKPOINT} was written by an older version of this script")
+    return saved
 
 
 # -------------------------------------------------------------------------------- shared: command line

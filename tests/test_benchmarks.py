@@ -5,6 +5,8 @@ import math
 import os
 import sys
 
+import jax
+import numpy as np
 import pytest
 from conftest import ROOT
 from tensorboardX import SummaryWriter
@@ -14,6 +16,7 @@ import dqn_pruned as dqn
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import memory
 import throughput
+import update_ab
 
 
 def test_throughput_rows_follow_their_formulas(capsys, tmp_path, monkeypatch):
@@ -92,3 +95,22 @@ def test_memory_prints_bytes_per_transition(capsys):
     # a slot holds one 84x84 uint8 frame, an int32 action, a float32 reward and three flags: 7,067 bytes; one episode
     # of 1000 steps takes 1001 slots
     assert 0.9 * 7067 * 1.001 < row["bytes_per_transition"] < 1.1 * 7067 * 1.001
+
+
+def test_update_ab_times_two_versions_of_one_update(capsys):
+    """The same file as both versions, on the MLP: one row per method with each version's median and fastest round
+    and the ratio of the medians; both versions start from the same state and batch, and a timed step changes it."""
+    script = os.path.join(ROOT, "dqn_pruned.py")
+    flags = ["--network", "mlp", "--methods", "none", "gmp", "--rounds", "3", "--steps", "2"]
+    rows = update_ab.main([script, script, *flags])
+    assert [row["method"] for row in rows] == ["none", "gmp"]
+    for row in rows:
+        assert 0 < row["old_min"] <= row["old"] and 0 < row["new_min"] <= row["new"]
+        assert row["ratio"] == pytest.approx(row["new"] / row["old"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "mlp, batch 32, 3 rounds of 2 steps; ms per step" and out[3].startswith("| none | ")
+    (u1, s1, b1), (u2, s2, b2) = (update_ab.make_step(update_ab.load(n, script), "gmp", "mlp", 8) for n in "ab")
+    after1, after2 = u1(s1, b1, None)[0], u2(s2, b2, None)[0]
+    leaves = jax.tree.leaves
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(after1.params), leaves(after2.params)))
+    assert not all(np.array_equal(x, y) for x, y in zip(leaves(after1.params), leaves(s1.params)))

@@ -372,6 +372,14 @@ def test_resume_refuses_other_flags_and_names_them(tmp_path, monkeypatch):
 
     with pytest.raises(rainbow.ArgsError, match="a run of dqn_pruned.py, not of rainbow_pruned.py"):
         rainbow.check_args(rainbow.Args(**{**dataclasses.asdict(small_args(total_timesteps=600)), "resume": run_dir}))
+    path = os.path.join(run_dir, "checkpoint.pkl")  # a checkpoint of the layout before 2026-12-03: one line, exit 2
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    saved["rng"], saved["metrics_rng"] = saved.pop("rngs")
+    with open(path, "wb") as f:
+        pickle.dump(saved, f)
+    result = run_script("dqn_pruned.py", "--resume", run_dir, cwd=str(tmp_path))
+    assert result.returncode == 2 and "checkpoint.pkl was written by an older version of this script" in result.stderr
 
 
 def test_a_resumed_writer_purges_the_killed_runs_later_events(tmp_path):
