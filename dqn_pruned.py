@@ -926,7 +926,7 @@ def save_model(args: Args, run_dir: str, state) -> None:
 
 
 # -------------------------------------------------------------------------------- shared: checkpoints
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT, LAYOUT = "checkpoint.pkl", 2  # LAYOUT: of the payload, raised when its keys change (2: rngs, episode, ...)
 # flags a resumed run may change: what is logged, saved or checkpointed, and the step size of what follows
 RESUME_MAY_CHANGE = ("resume", "save_model", "log_frequency", "metrics_frequency", "checkpoint_frequency")
 RESUME_MAY_CHANGE += ("checkpoint_replay", "learning_rate", "adam_eps")
@@ -1002,6 +1002,7 @@ def save_checkpoint(run_dir: str, writer, payload: dict) -> SummaryWriter:
     """Writes `payload` as run_dir/checkpoint.pkl, atomically. The TensorBoard writer is closed first, so that every
     event logged so far is on disk; returns a new writer."""
     writer.close()
+    payload = {**payload, "layout": LAYOUT}
     write_atomically(os.path.join(run_dir, CHECKPOINT), lambda f: pickle.dump(payload, f, pickle.HIGHEST_PROTOCOL))
     return open_writer(run_dir)
 
@@ -1013,8 +1014,12 @@ def load_checkpoint(run_dir: str) -> dict:
             saved = pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError) as error:
         raise ArgsError(f"--resume {run_dir}: cannot read its {CHECKPOINT} ({error})") from None
-    if "rngs" not in saved:  # the layout before 2026-12-03 kept each generator under a key of its own
-        raise ArgsError(f"--resume {run_dir}: its {CHECKPOINT} was written by an older version of this script")
+    layout = saved.get("layout", 1)  # 1: the checkpoints written before there was a layout number
+    if layout != LAYOUT:
+        raise ArgsError(
+            f"--resume {run_dir}: its {CHECKPOINT} has layout {layout}, written by another version of this "
+            f"script; this one reads layout {LAYOUT}"
+        )
     return saved
 
 

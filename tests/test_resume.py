@@ -375,11 +375,12 @@ def test_resume_refuses_other_flags_and_names_them(tmp_path, monkeypatch):
     path = os.path.join(run_dir, "checkpoint.pkl")  # a checkpoint of the layout before 2026-12-03: one line, exit 2
     with open(path, "rb") as f:
         saved = pickle.load(f)
+    assert saved.pop("layout") == dqn.LAYOUT == 2
     saved["rng"], saved["metrics_rng"] = saved.pop("rngs")
     with open(path, "wb") as f:
         pickle.dump(saved, f)
     result = run_script("dqn_pruned.py", "--resume", run_dir, cwd=str(tmp_path))
-    assert result.returncode == 2 and "checkpoint.pkl was written by an older version of this script" in result.stderr
+    assert result.returncode == 2 and "checkpoint.pkl has layout 1, written by another version" in result.stderr
 
 
 def test_a_resumed_writer_purges_the_killed_runs_later_events(tmp_path):
