@@ -493,10 +493,9 @@ def target_sparsities(params, sparsity: float, distribution: str):
     leaves, treedef = jax.tree.flatten(params)
     prunable = [i for i, leaf in enumerate(leaves) if is_prunable(leaf)]
     shapes = [leaves[i].shape for i in prunable]
-    layers = dict(
-        zip(prunable, erk_sparsities(shapes, sparsity) if distribution == "erk" else [sparsity] * len(shapes))
-    )
-    return jax.tree.unflatten(treedef, [layers.get(i, 0.0) for i in range(len(leaves))])
+    layer_sparsity = erk_sparsities(shapes, sparsity) if distribution == "erk" else [sparsity] * len(shapes)
+    by_leaf = dict(zip(prunable, layer_sparsity))
+    return jax.tree.unflatten(treedef, [by_leaf.get(i, 0.0) for i in range(len(leaves))])
 
 
 def keep_count(size: int, sparsity: float) -> int:
