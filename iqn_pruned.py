@@ -58,6 +58,9 @@ class Args:
     """gymnasium id: ALE/{Game}-v5 runs Dopamine's Atari protocol; a classic-control id (CartPole-v1) runs as is"""
     total_timesteps: int = 10_000_000
     """env steps (agent steps) of the run; 10M = 40M frames, the paper's 40 iterations of 250k steps"""
+    gradient_steps: int = 1
+    """gradient steps at each training event (every --train-frequency env steps), each on its own batch, all in one
+    jitted call; the replay ratio is gradient-steps / train-frequency (the paper's Fig. 5 and 17: 0.25 to 2)"""
     save_model: bool = False
     """write runs/{run_name}/{exp_name}.msgpack: flax msgpack of the plain dict {"params": ..., "masks": ...}"""
     log_frequency: int = 1000
@@ -89,7 +92,8 @@ class Args:
     learning_starts: int = 20_000
     """env steps of pure exploration before the first gradient step (min replay history, paper Table 2)"""
     train_frequency: int = 4
-    """env steps between gradient steps (update period 4, a replay ratio of 0.25; paper Table 2)"""
+    """env steps between training events of --gradient-steps gradient steps (update period 4, a replay ratio of 0.25;
+    paper Table 2)"""
     network: Literal["resnet", "cnn", "nature", "mlp"] = "resnet"
     """torso: Impala ResNet (16,32,32)*k (Espeholt et al. 2018; Dopamine's ImpalaDQNNetwork); Nature CNN (32,64,64)*k
     with SAME padding (cnn: Dopamine's) or VALID padding (nature: Mnih et al. 2015, CleanRL's); MLP for vectors"""
@@ -203,8 +207,9 @@ def check_args(args: Args) -> None:
 def run_checks(args: Args) -> list:
     """(ok, message) pairs for the online loop's fields (replay, exploration, schedule)."""
     a, starts, batch = args, args.learning_starts, args.batch_size
-    positive = ("total_timesteps", "learning_rate", "adam_eps", "batch_size", "train_frequency", "exploration_steps")
-    return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in (*positive, "target_network_frequency")] + [
+    positive = ("total_timesteps", "learning_rate", "adam_eps", "batch_size", "train_frequency", "gradient_steps")
+    positive += ("exploration_steps", "target_network_frequency")
+    return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in positive] + [
         (a.buffer_size >= batch, f"--buffer-size ({a.buffer_size}) must be >= --batch-size ({batch})"),
         (0 < a.gamma <= 1, "--gamma must be in (0, 1]"),
         (a.n_step >= 1, "--n-step must be >= 1"),
@@ -692,14 +697,16 @@ def linear_epsilon(args: Args, step: int) -> float:
 
 
 def num_grad_steps(total_timesteps: int, learning_starts: int, train_frequency: int) -> int:
-    """Gradient steps of a run: one at every env step t >= learning_starts, t < total, t % train_frequency == 0."""
+    """Training events of a run (its gradient steps at --gradient-steps 1): one at every env step t >= learning_starts,
+    t < total, t % train_frequency == 0."""
     first = -(-learning_starts // train_frequency) * train_frequency
     return len(range(first, total_timesteps, train_frequency))
 
 
 def prune_window(args: Args) -> tuple:
-    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps."""
-    return pruning_window(args, num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency))
+    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps (--gradient-steps per event)."""
+    events = num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency)
+    return pruning_window(args, events * args.gradient_steps)
 
 
 # ============================================================================================== algorithm: IQN
@@ -757,14 +764,21 @@ def make_loss(network: nn.Module, args: Args):
 
 
 def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
-    """The jitted update (state, batch, counts) -> (state, metrics). counts is None except at mask-update steps (then
-    a pytree of ints from mask_update_counts); the two cases compile separately."""
+    """The jitted update (state, batches, counts) -> (state, metrics of the last step): a gradient step on each batch
+    of the tuple `batches` in turn, all in one call (jit unrolls the loop: the same numbers as a call per batch).
+    counts holds an entry per batch, None except at mask-update steps (then a pytree of ints from mask_update_counts);
+    each pattern of entries compiles once."""
 
-    def update(state: TrainState, batch: Batch, counts):
+    def step(state: TrainState, batch: Batch, counts):
         key, next_key = jax.random.split(state.key)  # this step's quantile fractions, the state's next key
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.target_params, batch, key)
         state = sparse_step(state.replace(key=next_key), loss, grads, counts, tx, method)  # masks, Adam, (theta+u)*m
         return state, {"losses/td_loss": loss, "losses/q_values": aux["q_taken"].mean()}
+
+    def update(state: TrainState, batches: tuple, counts: tuple):
+        for batch, step_counts in zip(batches, counts, strict=True):
+            state, metrics = step(state, batch, step_counts)
+        return state, metrics
 
     return jax.jit(update)
 
@@ -835,7 +849,8 @@ def main(args: Args) -> dict:
             rb.__setstate__(saved["replay"])
         else:  # refill the buffer before learning again
             learning_starts = start + args.learning_starts
-    run_dir, writer = open_run(args, {"prune_window_grad_steps": list(window)}, start)
+    replay_ratio = args.gradient_steps / args.train_frequency  # gradient steps per env step
+    run_dir, writer = open_run(args, {"prune_window_grad_steps": list(window), "replay_ratio": replay_ratio}, start)
     if args.resume:
         print(f"resumed {run_dir} at env step {start}, gradient step {grad_step}", flush=True)
 
@@ -875,12 +890,14 @@ def main(args: Args) -> dict:
             frames.append(next_frame)
             obs_frame = next_frame
 
-            # -------- learn: a gradient step every train_frequency env steps (with the mask update when one is due)
+            # -------- learn: every train_frequency env steps, gradient_steps gradient steps (with the mask updates due)
             if global_step >= learning_starts:
                 if global_step % args.train_frequency == 0:
-                    counts = mask_update_counts(args, state.masks, targets, grad_step, window)
-                    state, update_metrics = update(state, rb.sample(rng, args.batch_size), counts)
-                    grad_step += 1
+                    steps = range(grad_step, grad_step + args.gradient_steps)
+                    counts = tuple(mask_update_counts(args, state.masks, targets, c, window) for c in steps)
+                    batches = tuple(rb.sample(rng, args.batch_size) for _ in steps)
+                    state, update_metrics = update(state, batches, counts)
+                    grad_step += args.gradient_steps
                 if global_step % args.target_network_frequency == 0:
                     state = state.replace(target_params=state.params)
 
@@ -908,7 +925,8 @@ def main(args: Args) -> dict:
                 if now - last_print > 10 or done == args.total_timesteps:
                     last_print, recent = now, f"{np.mean(returns[-20:]):.1f}" if returns else "n/a"
                     print(
-                        f"step {done}/{args.total_timesteps} | SPS {sps:.0f} | return (last 20) {recent} "
+                        f"step {done}/{args.total_timesteps} | SPS {sps:.0f} | grad steps {grad_step} (replay ratio "
+                        f"{replay_ratio:g}) | return (last 20) {recent} "
                         f"| sparsity {scalars['pruning/kernel_sparsity']:.3f} (target {scheduled:.3f})",
                         flush=True,
                     )

@@ -19,6 +19,9 @@ Deviations from the paper and its code (the README lists them with their sources
        the importance weight uses its unconditioned probability p_i / sum_j p_j, as Dopamine's does.
     8. Priorities live in a sum tree over the buffer's frame slots; the extra slot at each episode end holds the
        final observation and has priority 0, so it is never drawn.
+    9. With --gradient-steps N > 1 the N batches of a training event are drawn first, all from the priorities as they
+       were before it (the N steps run in one jitted call); each step's new priorities are written back after the
+       call, in step order. At N = 1 (the paper's Rainbow) this is Dopamine's sample, step, write back.
 
 Example: python rainbow_pruned.py --env-id ALE/Pong-v5 --width-scale 3   # the paper's setting (a GPU job); README: more
 """
@@ -62,6 +65,9 @@ class Args:
     """gymnasium id: ALE/{Game}-v5 runs Dopamine's Atari protocol; a classic-control id (CartPole-v1) runs as is"""
     total_timesteps: int = 10_000_000
     """env steps (agent steps) of the run; 10M = 40M frames, the paper's 40 iterations of 250k steps"""
+    gradient_steps: int = 1
+    """gradient steps at each training event (every --train-frequency env steps), each on its own batch, all in one
+    jitted call; the replay ratio is gradient-steps / train-frequency (the paper's Fig. 5 and 17: 0.25 to 2)"""
     save_model: bool = False
     """write runs/{run_name}/{exp_name}.msgpack: flax msgpack of the plain dict {"params": ..., "masks": ...}"""
     log_frequency: int = 1000
@@ -93,7 +99,8 @@ class Args:
     learning_starts: int = 20_000
     """env steps of pure exploration before the first gradient step (min replay history, paper Table 2)"""
     train_frequency: int = 4
-    """env steps between gradient steps (update period 4, a replay ratio of 0.25; paper Table 2)"""
+    """env steps between training events of --gradient-steps gradient steps (update period 4, a replay ratio of 0.25;
+    paper Table 2)"""
     network: Literal["resnet", "cnn", "nature", "mlp"] = "resnet"
     """torso: Impala ResNet (16,32,32)*k (Espeholt et al. 2018; Dopamine's ImpalaDQNNetwork); Nature CNN (32,64,64)*k
     with SAME padding (cnn: Dopamine's) or VALID padding (nature: Mnih et al. 2015, CleanRL's); MLP for vectors"""
@@ -200,8 +207,9 @@ def check_args(args: Args) -> None:
 def run_checks(args: Args) -> list:
     """(ok, message) pairs for the online loop's fields (replay, exploration, schedule)."""
     a, starts, batch = args, args.learning_starts, args.batch_size
-    positive = ("total_timesteps", "learning_rate", "adam_eps", "batch_size", "train_frequency", "exploration_steps")
-    return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in (*positive, "target_network_frequency")] + [
+    positive = ("total_timesteps", "learning_rate", "adam_eps", "batch_size", "train_frequency", "gradient_steps")
+    positive += ("exploration_steps", "target_network_frequency")
+    return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in positive] + [
         (a.buffer_size >= batch, f"--buffer-size ({a.buffer_size}) must be >= --batch-size ({batch})"),
         (0 < a.gamma <= 1, "--gamma must be in (0, 1]"),
         (a.n_step >= 1, "--n-step must be >= 1"),
@@ -772,14 +780,16 @@ def linear_epsilon(args: Args, step: int) -> float:
 
 
 def num_grad_steps(total_timesteps: int, learning_starts: int, train_frequency: int) -> int:
-    """Gradient steps of a run: one at every env step t >= learning_starts, t < total, t % train_frequency == 0."""
+    """Training events of a run (its gradient steps at --gradient-steps 1): one at every env step t >= learning_starts,
+    t < total, t % train_frequency == 0."""
     first = -(-learning_starts // train_frequency) * train_frequency
     return len(range(first, total_timesteps, train_frequency))
 
 
 def prune_window(args: Args) -> tuple:
-    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps."""
-    return pruning_window(args, num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency))
+    """(t_start, t_end, frequency) of the pruning window over this run's gradient steps (--gradient-steps per event)."""
+    events = num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency)
+    return pruning_window(args, events * args.gradient_steps)
 
 
 # ========================================================================================== algorithm: Rainbow
@@ -845,17 +855,26 @@ def make_loss(network: nn.Module, support: jax.Array):
 
 
 def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
-    """The jitted update (state, batch, probs, counts) -> (state, metrics, new priorities), probs: the batch's sampling
-    probabilities. counts is None except at mask-update steps (then a pytree of ints from mask_update_counts); the two
-    cases compile separately. A refused (non-finite) step's priorities are NaN."""
+    """The jitted update (state, batches, probs, counts) -> (state, metrics of the last step, new priorities (N, B)): a
+    gradient step on each of the N batches of the tuple `batches` in turn, all in one call (jit unrolls the loop: the
+    same numbers as a call per batch); probs: each batch's sampling probabilities. counts holds an entry per batch,
+    None except at mask-update steps (then a pytree of ints from mask_update_counts); each pattern of entries compiles
+    once. A refused (non-finite) step's priorities are NaN."""
 
-    def update(state: TrainState, batch: Batch, probs, counts):
+    def step(state: TrainState, batch: Batch, probs, counts):
         weights = importance_weights(probs)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, aux), grads = grad_fn(state.params, state.target_params, batch, None, weights)
         state = sparse_step(state, loss, grads, counts, tx, method)  # masks, Adam, theta <- (theta + u) * m
         priorities = jnp.where(state.finite, priorities_from_loss(aux["losses"]), jnp.nan)
         return state, {"losses/td_loss": loss, "losses/q_values": aux["q_taken"].mean()}, priorities
+
+    def update(state: TrainState, batches: tuple, probs: tuple, counts: tuple):
+        priorities = []
+        for batch, batch_probs, step_counts in zip(batches, probs, counts, strict=True):
+            state, metrics, step_priorities = step(state, batch, batch_probs, step_counts)
+            priorities.append(step_priorities)
+        return state, metrics, jnp.stack(priorities)
 
     return jax.jit(update)
 
@@ -923,7 +942,8 @@ def main(args: Args) -> dict:
             rb.__setstate__(saved["replay"])
         else:  # refill the buffer before learning again
             learning_starts = start + args.learning_starts
-    run_dir, writer = open_run(args, {"prune_window_grad_steps": list(window)}, start)
+    replay_ratio = args.gradient_steps / args.train_frequency  # gradient steps per env step
+    run_dir, writer = open_run(args, {"prune_window_grad_steps": list(window), "replay_ratio": replay_ratio}, start)
     if args.resume:
         print(f"resumed {run_dir} at env step {start}, gradient step {grad_step}", flush=True)
 
@@ -963,16 +983,18 @@ def main(args: Args) -> dict:
             frames.append(next_frame)
             obs_frame = next_frame
 
-            # -------- learn: a gradient step every train_frequency env steps (with the mask update when one is due)
+            # -------- learn: every train_frequency env steps, gradient_steps gradient steps (with the mask updates due)
             if global_step >= learning_starts:
                 if global_step % args.train_frequency == 0:
-                    counts = mask_update_counts(args, state.masks, targets, grad_step, window)
-                    batch, slots, probs = rb.sample(rng, args.batch_size)  # a prioritized batch
-                    state, update_metrics, priorities = update(state, batch, probs, counts)
-                    priorities = jax.device_get(priorities)  # PER's own device-to-host transfer, every gradient step
-                    if np.isfinite(priorities).all():  # a refused step's are NaN: never written to the sum tree
-                        rb.update_priorities(slots, priorities)
-                    grad_step += 1
+                    steps = range(grad_step, grad_step + args.gradient_steps)
+                    counts = tuple(mask_update_counts(args, state.masks, targets, c, window) for c in steps)
+                    batches, slots, probs = zip(*(rb.sample(rng, args.batch_size) for _ in steps))  # prioritized
+                    state, update_metrics, priorities = update(state, batches, probs, counts)
+                    priorities = jax.device_get(priorities)  # PER's own device-to-host transfer, every training event
+                    for step_slots, step_priorities in zip(slots, priorities):  # in step order: the last one wins
+                        if np.isfinite(step_priorities).all():  # a refused step's are NaN: never written to the tree
+                            rb.update_priorities(step_slots, step_priorities)
+                    grad_step += args.gradient_steps
                 if global_step % args.target_network_frequency == 0:
                     state = state.replace(target_params=state.params)
 
@@ -1000,7 +1022,8 @@ def main(args: Args) -> dict:
                 if now - last_print > 10 or done == args.total_timesteps:
                     last_print, recent = now, f"{np.mean(returns[-20:]):.1f}" if returns else "n/a"
                     print(
-                        f"step {done}/{args.total_timesteps} | SPS {sps:.0f} | return (last 20) {recent} "
+                        f"step {done}/{args.total_timesteps} | SPS {sps:.0f} | grad steps {grad_step} (replay ratio "
+                        f"{replay_ratio:g}) | return (last 20) {recent} "
                         f"| sparsity {scalars['pruning/kernel_sparsity']:.3f} (target {scheduled:.3f})",
                         flush=True,
                     )

@@ -18,6 +18,9 @@ then one run of the script's main() on the same config, its SPS read back from i
 and each method's wall-clock ratio to dense (none) and the paper's run (10M env steps) projected, at the paper-rate
 SPS; medians over --repeats runs, interleaved, the order rotated each time. Rainbow, IQN and M-IQN (their networks and
 updates take other inputs) get the loop only; their ratio and projection use the loop SPS.
+With --gradient-steps N [N ...] (dqn_pruned.py; replay ratios above 1): instead, per method and N, gradient steps/s of
+a training event of N steps, N batches sampled and one jitted update call (learn), and of the call alone (update),
+N rotated round by round over --repeats rounds of --calls calls (medians); a table, no runs.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -47,9 +51,10 @@ def rate(function, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def measure_pieces(dqn, args, calls: int) -> dict:
-    """Env, store, act, sample, learn and the mask update of dqn_pruned.py (the module `dqn`), each timed on its own
-    on pieces built as its main() builds them; the buffer is filled on the way with --learning-starts random steps."""
+def build(dqn, args) -> SimpleNamespace:
+    """The pieces of dqn_pruned.py (the module `dqn`) as its main() builds them: env, host rng, train state, mask
+    targets, the jitted update, the greedy action, the replay buffer, filled with --learning-starts random steps, and
+    the rates of env.step and ReplayBuffer.add while it filled (env, store: steps/s)."""
     env, is_atari = dqn.make_env(args.env_id)
     stack, shape, dtype = 4 if is_atari else 1, env.observation_space.shape, env.observation_space.dtype
     rng, mask_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
@@ -73,7 +78,17 @@ def measure_pieces(dqn, args, calls: int) -> dict:
         rb.add(frame, 0, 0.0, terminated, truncated, next_frame)
         env_time, store_time = env_time + middle - start, store_time + time.perf_counter() - middle
         frame = env.reset()[0] if terminated or truncated else next_frame
-    pieces = {"env": args.learning_starts / env_time, "store": args.learning_starts / store_time}
+    rates = {"env": args.learning_starts / env_time, "store": args.learning_starts / store_time}
+    pieces = dict(state=state, targets=targets, update=update, greedy_action=greedy_action, rb=rb, rng=rng)
+    return SimpleNamespace(**pieces, frame=frame, stack=stack, rates=rates)
+
+
+def measure_pieces(dqn, args, calls: int) -> dict:
+    """Env, store, act, sample, learn and the mask update of dqn_pruned.py (the module `dqn`), each timed on its own
+    on pieces built as its main() builds them (build)."""
+    built = build(dqn, args)
+    state, targets, update, rb, rng, frame = built.state, built.targets, built.update, built.rb, built.rng, built.frame
+    greedy_action, stack, pieces = built.greedy_action, built.stack, dict(built.rates)
 
     pieces["act"] = rate(lambda: greedy_action(state.params, np.stack([frame] * stack, axis=-1), 0), calls)
     pieces["sample"] = rate(lambda: rb.sample(rng, args.batch_size), calls)
@@ -82,7 +97,7 @@ def measure_pieces(dqn, args, calls: int) -> dict:
     pruned = args.pruning_method in ("gmp", "rigl", "set")
 
     def learn(step_counts=None):  # one gradient step (a batch sampled, the update), from the same state each time
-        return update(state, rb.sample(rng, args.batch_size), step_counts)
+        return update(state, (rb.sample(rng, args.batch_size),), (step_counts,))
 
     pieces["learn"] = rate(learn, calls)
     pieces["update"] = 1.0 / max(1 / pieces["learn"] - 1 / pieces["sample"], 1e-9)
@@ -91,6 +106,26 @@ def measure_pieces(dqn, args, calls: int) -> dict:
     seconds = sum(1 / pieces[k] for k in ("env", "store", "act")) + 1 / (pieces["learn"] * args.train_frequency)
     pieces["bound"] = 1 / seconds  # env steps/s if nothing overlapped
     return pieces
+
+
+def measure_gradient_steps(dqn, args, ns: list, calls: int, repeats: int) -> list:
+    """One row per N in `ns`: gradient steps per second of a training event of N steps (--gradient-steps N: N replay
+    batches sampled, then one jitted update call; no mask update), with the sampling (learn) and without it (update:
+    the call alone on N fixed batches). Medians over `repeats` rounds, the order of N rotated each round."""
+    built = build(dqn, args)
+    state, update, rb, rng = built.state, built.update, built.rb, built.rng
+    runs = {n: [] for n in ns}
+    for repeat in range(repeats):
+        for n in ns[repeat % len(ns) :] + ns[: repeat % len(ns)]:
+            fixed, none = tuple(rb.sample(rng, args.batch_size) for _ in range(n)), (None,) * n
+            learn = rate(lambda: update(state, tuple(rb.sample(rng, args.batch_size) for _ in range(n)), none), calls)
+            runs[n].append({"learn": n * learn, "update": n * rate(lambda: update(state, fixed, none), calls)})
+    rows = [
+        {"n": n, **{k: float(np.median([r[k] for r in rs])) for k in ("learn", "update")}} for n, rs in runs.items()
+    ]
+    for row in rows:
+        row["vs_one"] = row["update"] / rows[0]["update"]
+    return rows
 
 
 def mask_updates(module, args, grad_steps) -> int:
@@ -184,11 +219,12 @@ def main(argv=None) -> list:
     add("--buffer-size", type=int, default=100_000)
     add("--repeats", type=int, default=1, help="runs of each method, interleaved; the table shows medians")
     add("--extra", nargs="*", default=[], help="more Args fields as name=value (e.g. num_tau_samples=8 use_bias=False)")
+    add("--gradient-steps", type=int, nargs="+", dest="per_call", help="instead: gradient steps/s at N per call (dqn)")
     args = parser.parse_args(argv)
     if args.loop_steps < args.warmup_steps or args.loop_steps % args.warmup_steps:
         parser.error("--loop-steps must be a multiple of --warmup-steps (the log window)")
-    if min(args.learning_starts, args.warmup_steps, args.calls, args.repeats) < 1:
-        parser.error("--learning-starts, --warmup-steps, --calls and --repeats must be >= 1")
+    if min(args.learning_starts, args.warmup_steps, args.calls, args.repeats, *(args.per_call or [1])) < 1:
+        parser.error("--learning-starts, --warmup-steps, --calls, --repeats and --gradient-steps must be >= 1")
     module = importlib.import_module(os.path.basename(args.script)[: -len(".py")])
     fields = {f.name for f in dataclasses.fields(module.Args)}
     flags = {name: value for name, value in vars(args).items() if name in fields}  # --env-id ... --buffer-size
@@ -201,9 +237,22 @@ def main(argv=None) -> list:
         except (ValueError, SyntaxError):
             flags[name] = value  # a string
 
-    rows = benchmark(module, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls, args.repeats)
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
     title = f"{args.script} on {args.env_id}, {args.network} k={args.width_scale}, batch {args.batch_size}, "
+    if args.per_call:  # the replay-ratio table: one jitted call per training event of N gradient steps
+        if module.__name__ != "dqn_pruned":
+            parser.error("--gradient-steps times dqn_pruned.py's pieces only")
+        rows = []
+        for method in args.methods:
+            method_args = module.Args(**flags, pruning_method=method)
+            for row in measure_gradient_steps(module, method_args, args.per_call, args.calls, args.repeats):
+                rows.append({"method": method, **row})
+        print(title + f"N gradient steps per jitted call; {device}")
+        print("| method | N | learn steps/s | update steps/s | update / N = 1 |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['n']} | {r['learn']:,.1f} | {r['update']:,.1f} | {r['vs_one']:.2f} |")
+        return rows
+    rows = benchmark(module, flags, args.methods, args.loop_steps, args.warmup_steps, args.calls, args.repeats)
     print_table(rows, title + f"a gradient step every {args.train_frequency} env steps; {device}")
     return rows
 

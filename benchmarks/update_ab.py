@@ -5,7 +5,8 @@ Loop timings on a shared CPU drift by 10-30% between runs, more than a change to
 both versions are loaded side by side and timed in alternating rounds (the order rotated each round), each round
 `--steps` gradient steps from the version's own initial state on one fixed random batch (84x84x4 uint8 frames and 4
 actions, as Breakout's; 8 floats for the MLP), no mask update. Both files need the API dqn_pruned.py has had since
-71274af: Args, QNetwork, Batch, init_train_state, make_loss, make_update. Example, against the commit before the
+71274af: Args, QNetwork, Batch, init_train_state, make_loss, make_update (its update takes one batch, or a tuple of
+batches in the versions with --gradient-steps). Example, against the commit before the
 single-file rewrite:
     git worktree add /tmp/old 71274af && python benchmarks/update_ab.py /tmp/old/dqn_pruned.py --network nature
 Prints, per pruning method, each version's median and fastest milliseconds per gradient step and new / old medians.
@@ -16,6 +17,7 @@ import importlib.util
 import os
 import sys
 import time
+from functools import partial
 
 import jax
 import numpy as np
@@ -47,6 +49,8 @@ def make_step(module, method: str, network: str, batch_size: int):
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
     state, _ = module.init_train_state(args, params, tx, np.random.default_rng(1), jax.random.PRNGKey(1))
     update = module.make_update(module.make_loss(net), tx, method)
+    if hasattr(module.Args, "gradient_steps"):  # this version's update takes a tuple of batches: give it one
+        update = partial(lambda steps, state, batch, counts: steps(state, (batch,), (counts,)), update)
     jax.block_until_ready(update(state, batch, None))  # compiled before it is timed
     return update, state, batch
 

@@ -1,11 +1,15 @@
 """From runs/ to the paper's figures: python -m common.plot RUNS_DIR --out FIGURES_DIR
 
 Reads every run directory below RUNS_DIR (a directory with a config.json, as every *_pruned.py writes), groups the
-runs by what their config says (script, with --c51 apart, network, env, pruning method, sparsity, width, seed; never
-by parsing names), and writes to FIGURES_DIR:
+runs by what their config says (script, with --c51 apart, network, env, pruning method, sparsity, width, replay ratio,
+seed; never by parsing names), and writes to FIGURES_DIR:
     curves_{suite}.png             IQM learning curves with 95% CI bands, one panel per script
-    iqm_vs_sparsity_{suite}.png    final IQM against sparsity, one line per (script, method, width); dense at 0
-    iqm_vs_width_{suite}.png       final IQM against width, one line per (script, method, sparsity); dense included
+    iqm_vs_sparsity_{suite}.png    final IQM against sparsity, one line per (script, method, width, replay ratio); dense
+                                   at 0
+    iqm_vs_width_{suite}.png       final IQM against width, one line per (script, method, sparsity, replay ratio); dense
+                                   included
+    iqm_vs_replay_ratio_{suite}.png  final IQM against the replay ratio (gradient steps per env step), one line per
+                                   (script, method, sparsity, width); only for a suite with more than one ratio
     aggregates.csv                 the final IQM and its CI for every configuration and suite
     curves.csv                     the learning curves' points
 
@@ -114,6 +118,11 @@ def load_runs(runs_dir: str, points: int) -> list:
                 continue
             scores = atari_scores.human_normalized(game, scores)
         method = config["pruning_method"]
+        replay_ratio = config.get("replay_ratio")  # None in offline runs
+        if (
+            replay_ratio is None and "train_frequency" in config
+        ):  # online runs before --gradient-steps: a step per event
+            replay_ratio = 1 / config["train_frequency"]
         records.append(
             {
                 "run_dir": run_dir,
@@ -124,6 +133,7 @@ def load_runs(runs_dir: str, points: int) -> list:
                 "pruning_method": method,
                 "sparsity": 0.0 if method == "none" else float(config["sparsity"]),
                 "width": int(config["width_scale"]),
+                "replay_ratio": replay_ratio,
                 "seed": int(config["seed"]),
                 "tag": tag,
                 "length": length,
@@ -133,7 +143,7 @@ def load_runs(runs_dir: str, points: int) -> list:
     return records
 
 
-CONFIG_KEYS = ("script", "network", "pruning_method", "sparsity", "width")
+CONFIG_KEYS = ("script", "network", "pruning_method", "sparsity", "width", "replay_ratio")
 
 
 def score_matrices(records: list) -> dict:
@@ -178,8 +188,9 @@ def iqm_with_ci(scores: np.ndarray, reps: int, seed: int) -> tuple:
 
 
 def label(config: tuple) -> str:
-    script, network, method, sparsity, width = config
-    return f"{script} {network} {method}" + ("" if method == "none" else f" {sparsity:g}") + f" k={width}"
+    script, network, method, sparsity, width, replay_ratio = config
+    text = f"{script} {network} {method}" + ("" if method == "none" else f" {sparsity:g}") + f" k={width}"
+    return text + ("" if replay_ratio is None else f" rr={replay_ratio:g}")
 
 
 def suite_name(suite: str) -> str:
@@ -206,7 +217,8 @@ def plot_curves(suite: str, results: dict, points: int, out_dir: str) -> str:
 
 def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str) -> str:
     """Final IQM with its CI against sparsity (x_key 'sparsity': one line per script, method and width; dense is a
-    point at sparsity 0) or against width (x_key 'width': one line per script, method and sparsity, dense included)."""
+    point at sparsity 0), against width (x_key 'width': one line per script, method and sparsity, dense included) or
+    against the replay ratio (x_key 'replay_ratio'); every line also holds the other keys fixed."""
     x_index = CONFIG_KEYS.index(x_key)
     lines = defaultdict(list)
     for config, r in results.items():
@@ -223,8 +235,9 @@ def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str) -> s
             marker="o",
             capsize=3,
             label=" ".join(
-                f"{k}={v}" if k in ("width", "sparsity") else str(v)
+                f"{k}={v:g}" if k in ("width", "sparsity", "replay_ratio") else str(v)
                 for k, v in zip([k for k in CONFIG_KEYS if k != x_key], line)
+                if v is not None
             ),
         )
     ax.set_xlabel(x_key)
@@ -297,6 +310,9 @@ def main(argv=None) -> dict:
         written.append(plot_curves(suite, in_suite, args.points, args.out))
         written.append(plot_final_against(suite, in_suite, "sparsity", args.out))
         written.append(plot_final_against(suite, in_suite, "width", args.out))
+        ratios = {config[CONFIG_KEYS.index("replay_ratio")] for config in in_suite} - {None}
+        if len(ratios) > 1:  # runs at more than one replay ratio (the paper's Fig. 5 and 17)
+            written.append(plot_final_against(suite, in_suite, "replay_ratio", args.out))
     for path in written:
         print(f"wrote {path}")
     return {"written": written, "results": results}

@@ -55,6 +55,25 @@ def test_throughput_rows_follow_their_formulas(capsys, tmp_path, monkeypatch):
     assert gmp["paper"] == pytest.approx(200 / (200 / gmp["loop"] + swapped * gmp["mask"] / 1000))
 
 
+def test_throughput_gradient_steps_table(capsys, tmp_path, monkeypatch):
+    """--gradient-steps N ...: a row per method and N, gradient steps/s N times the calls/s of one jitted call of N
+    steps, and update / N = 1 the ratio of the update rates (their timings replaced by known ones)."""
+    monkeypatch.chdir(tmp_path)
+    seconds = iter([0.1, 0.05, 0.3, 0.1, 0.5, 0.1])  # per call: learn and update at N = 1, 2, 4
+    monkeypatch.setattr(throughput, "rate", lambda function, count: function() and 1 / next(seconds))
+    flags = ["--env-id", "CartPole-v1", "--network", "mlp", "--methods", "gmp", "--learning-starts", "100"]
+    rows = throughput.main(flags + ["--gradient-steps", "1", "2", "4", "--buffer-size", "1000"])
+    assert [(row["method"], row["n"]) for row in rows] == [("gmp", 1), ("gmp", 2), ("gmp", 4)]
+    assert [row["learn"] for row in rows] == pytest.approx([10.0, 2 / 0.3, 4 / 0.5])
+    assert [row["update"] for row in rows] == pytest.approx([20.0, 20.0, 40.0])
+    assert [row["vs_one"] for row in rows] == pytest.approx([1.0, 1.0, 2.0])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-6].startswith("dqn_pruned.py on CartPole-v1, mlp k=1, batch 32, N gradient steps per jitted call")
+    assert out[-1] == "| gmp | 4 | 8.0 | 40.0 | 2.00 |"
+    with pytest.raises(SystemExit):
+        throughput.main(flags + ["--gradient-steps", "0"])
+
+
 def test_paper_rate_counts_the_paper_schedule():
     """The paper's run: 2,495,000 gradient steps (env steps 20,000 to 10M, one every 4). GMP: a mask update every
     1000 gradient steps from round(0.2 * 2,495,000) = 499,000 to 1,996,000, both ends included: 1498. RigL: every

@@ -174,6 +174,7 @@ BAD_INPUTS = [
     (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
     (["--start-e", "0.1", "--end-e", "0.5"], "need 0 <= --end-e <= --start-e <= 1"),
     (["--train-frequency", "0"], "--train-frequency must be > 0"),
+    (["--gradient-steps", "0"], "--gradient-steps must be > 0"),
     (["--target-network-frequency", "0"], "--target-network-frequency must be > 0"),
     (["--log-frequency", "0"], "--log-frequency must be > 0"),
     (["--learning-rate", "0"], "--learning-rate must be > 0"),

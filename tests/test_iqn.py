@@ -209,7 +209,7 @@ def test_update_loss_against_numpy(module):
         key=jax.random.PRNGKey(2),
         finite=jnp.ones((), bool),
     )
-    _, metrics = module.make_update(module.make_loss(network, args), tx, "none")(state, batch, None)
+    _, metrics = module.make_update(module.make_loss(network, args), tx, "none")(state, (batch,), (None,))
 
     loss_key, _ = jax.random.split(state.key)
     keys = jax.random.split(loss_key, 3 if module is miqn else 2)

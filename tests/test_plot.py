@@ -18,10 +18,19 @@ LENGTH = 1000  # env steps of every fake run
 
 
 def fake_run(
-    runs_dir: str, script: str, env_id: str, method: str, sparsity: float, width: int, seed: int, returns: list
+    runs_dir: str,
+    script: str,
+    env_id: str,
+    method: str,
+    sparsity: float,
+    width: int,
+    seed: int,
+    returns: list,
+    **more_config,
 ) -> None:
     """A run directory as the scripts write it: config.json, and episodic returns at the given (step, return) pairs."""
-    run_dir = os.path.join(runs_dir, f"{env_id.replace('/', '_')}__{script}__{seed}__{method}{sparsity}{width}")
+    suffix = "".join(f"_{key}{value}" for key, value in more_config.items())
+    run_dir = os.path.join(runs_dir, f"{env_id.replace('/', '_')}__{script}__{seed}__{method}{sparsity}{width}{suffix}")
     writer = SummaryWriter(run_dir)
     for step, value in returns:
         writer.add_scalar("charts/episodic_return", value, step)
@@ -37,6 +46,7 @@ def fake_run(
         "width_scale": width,
         "seed": seed,
         "total_timesteps": LENGTH,
+        **more_config,
     }
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
@@ -201,6 +211,26 @@ def test_offline_evaluations_unfinished_and_repeated_runs(tmp_path, capsys):
     np.testing.assert_allclose(scores[:, 0, :], [[10, 20, 30, 40]])  # one run: the second was left out
     out = capsys.readouterr().out
     assert "unfinished" in out and "a second run of CartPole-v1, seed 1" in out
+
+
+def test_replay_ratios_are_configurations_of_their_own(tmp_path):
+    """Runs alike but for the replay ratio (config.json's replay_ratio; 1 / train_frequency in runs written before
+    --gradient-steps) are configurations of their own, and a suite with several ratios gets iqm_vs_replay_ratio."""
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "figures")
+    ratios = {
+        0.25: {"train_frequency": 4},
+        0.5: {"train_frequency": 2, "replay_ratio": 0.5},
+        2.0: {"replay_ratio": 2.0},
+    }
+    for seed in (1, 2):
+        for ratio, config in ratios.items():
+            fake_run(runs, "dqn_pruned.py", "CartPole-v1", "gmp", 0.9, 1, seed, [(995, 10 * ratio + seed)], **config)
+    result = plot.main([runs, "--out", out, "--points", "1", "--reps", "100", "--curve-reps", "20"])
+    finals = {config[-1]: r["final"][0] for (_, config), r in result["results"].items()}
+    assert finals == pytest.approx({0.25: 4.0, 0.5: 6.5, 2.0: 21.5})  # the mean of seeds 1 and 2 each
+    assert os.path.join(out, "iqm_vs_replay_ratio_CartPole-v1.png") in result["written"]
+    assert plot.label(("dqn_pruned.py", "cnn", "gmp", 0.9, 1, 2.0)) == "dqn_pruned.py cnn gmp 0.9 k=1 rr=2"
+    assert plot.label(("cql_pruned.py", "cnn", "none", 0.0, 3, None)) == "cql_pruned.py cnn none k=3"
 
 
 def test_plot_refuses_an_empty_directory(tmp_path):

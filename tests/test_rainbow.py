@@ -253,11 +253,12 @@ def record_the_loop(monkeypatch):
     def make_update(*args, **kwargs):
         update = original_make_update(*args, **kwargs)
 
-        def recorded(state, batch, probs, counts):
-            state, update_metrics, priorities = update(state, batch, probs, counts)
-            updates[-1].update(
-                priorities=np.array(priorities), finite=bool(state.finite), mask_update=counts is not None
-            )
+        def recorded(state, batches, probs, counts):  # one entry per batch, in step order
+            state, update_metrics, priorities = update(state, batches, probs, counts)
+            for record, step_priorities, step_counts in zip(updates[-len(batches) :], np.array(priorities), counts):
+                record.update(
+                    priorities=step_priorities, finite=bool(state.finite), mask_update=step_counts is not None
+                )
             return state, update_metrics, priorities
 
         return recorded
@@ -423,7 +424,7 @@ def test_update_loss_against_numpy():
     )
     state = state.replace(target_params=target_params)
     update = rainbow.make_update(rainbow.make_loss(network, support), tx, "none")
-    new_state, update_metrics, priorities = update(state, batch, probs, None)
+    new_state, update_metrics, (priorities,) = update(state, (batch,), (probs,), (None,))
     assert bool(new_state.finite) and int(new_state.grad_step) == 1
 
     softmax = lambda x: (
@@ -444,7 +445,7 @@ def test_update_loss_against_numpy():
     # one non-finite reward: the step is refused (the state kept, flagged) and every new priority is NaN
     bad = batch._replace(rewards=batch.rewards.copy())
     bad.rewards[3] = np.nan
-    refused, update_metrics, priorities = update(state, bad, probs, None)
+    refused, update_metrics, priorities = update(state, (bad,), (probs,), (None,))
     assert not bool(refused.finite) and not np.isfinite(float(update_metrics["losses/td_loss"]))
     assert np.isnan(np.asarray(priorities)).all()
     for kept, before in zip(jax.tree.leaves(refused.replace(finite=True)), jax.tree.leaves(state)):

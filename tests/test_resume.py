@@ -100,23 +100,22 @@ def same_runs(reference: str, resumed: str, model: str) -> None:
     assert len(returns) > 5 and steps == sorted(set(steps))  # no duplicate step
 
 
+TWO_STEPS = ["--train-frequency", "2", "--gradient-steps", "2"]  # two gradient steps every other env step
 ONLINE = [
-    ("dqn_pruned.py", "gmp"),
-    ("dqn_pruned.py", "rigl"),
-    ("dqn_pruned.py", "set"),
-    ("dqn_pruned.py", "static"),
-    ("dqn_pruned.py", "none"),
-    ("rainbow_pruned.py", "gmp"),
-    ("iqn_pruned.py", "rigl"),
-    ("miqn_pruned.py", "static"),
+    ("dqn_pruned.py", "gmp", []),
+    ("dqn_pruned.py", "rigl", []),
+    ("dqn_pruned.py", "set", []),
+    ("dqn_pruned.py", "static", []),
+    ("dqn_pruned.py", "none", []),
+    ("rainbow_pruned.py", "gmp", TWO_STEPS),
+    ("iqn_pruned.py", "rigl", [*FEWER_QUANTILES, *TWO_STEPS]),
+    ("miqn_pruned.py", "static", [*FEWER_QUANTILES, "--train-frequency", "2"]),
 ]
 
 
-@pytest.mark.parametrize("script, method", ONLINE)
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, script, method):
-    flags = [*CARTPOLE, "--pruning-method", method] + (
-        FEWER_QUANTILES + ["--train-frequency", "2"] if "iqn" in script else []
-    )
+@pytest.mark.parametrize("script, method, extra", ONLINE)
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, script, method, extra):
+    flags = [*CARTPOLE, "--pruning-method", method, *extra]
     (tmp_path / "reference").mkdir()
     (tmp_path / "killed").mkdir()
     result = run_script(script, *flags, cwd=str(tmp_path / "reference"))

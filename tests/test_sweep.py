@@ -4,6 +4,7 @@ validation before anything is written, a local sweep of tiny CartPole runs that 
 the way SLURM does it (SIGUSR2 to the job's processes) that requeues, resumes and ends bit-identical to an
 uninterrupted run, and a failed run reported with its last error line."""
 
+import csv
 import glob
 import json
 import os
@@ -163,8 +164,8 @@ def test_local_sweep_runs_the_grid_and_plot_reads_it(tmp_path):
     for name in ("curves_CartPole-v1.png", "iqm_vs_sparsity_CartPole-v1.png", "iqm_vs_width_CartPole-v1.png"):
         assert os.path.getsize(os.path.join(figures, name)) > 0
     with open(os.path.join(figures, "aggregates.csv")) as f:
-        rows = [row.split(",") for row in f.read().splitlines()[1:]]
-    assert sorted(row[3] for row in rows) == ["gmp", "none"] and all(row[6] == "2" for row in rows)  # 2 seeds each
+        rows = list(csv.DictReader(f))
+    assert sorted(row["pruning_method"] for row in rows) == ["gmp", "none"] and all(row["seeds"] == "2" for row in rows)
 
 
 def test_a_preempted_job_requeues_and_resumes_exactly(tmp_path):
