@@ -143,6 +143,9 @@ class Args:
     mask_sampling: Literal["exact", "bernoulli"] = "exact"
     """random initial masks (static, rigl, set): exactly round(N(1-s)) kept weights per layer, or independent
     Bernoulli(1-s) entries (Ma et al.'s code)"""
+    dense_warmup: bool = False
+    """static, rigl, set: train dense until the window starts (--prune-start-fraction), then apply the random initial
+    masks there; with rigl and --prune-start-fraction 0.2, RigL starts at 20% of training as in Ganaie et al."""
 
     metrics_frequency: int = 250_000
     """steps between logs of the analysis metrics (common/metrics.py: dormant and dead neurons, srank, norms,
@@ -226,6 +229,10 @@ def check_args(args: Args) -> None:
         (every is None or every > 0, "--prune-frequency-grad-steps must be > 0"),
         (0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"),
         (0 < samples <= batch, f"--metrics-grad-samples must be in [1, --metrics-batch-size ({batch})], got {samples}"),
+        (
+            not args.dense_warmup or args.pruning_method in ("static", "rigl", "set"),
+            "--dense-warmup needs --pruning-method static, rigl or set",
+        ),
     ]
     for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
         choices, value = get_args(field.type) if get_origin(field.type) is Literal else (), getattr(args, field.name)
@@ -820,20 +827,25 @@ class TrainState(struct.PyTreeNode):
     grad_step: jax.Array  # c, gradient steps completed
     key: jax.Array  # raw uint32 key data (jax.random.PRNGKey), so that the state is plain arrays
     finite: jax.Array  # False once a step was refused for a non-finite loss: the state stays the last good one
+    dense_until: Any = None  # --dense-warmup: (gradient step t_start, the random masks applied there); else None
 
 
-def init_train_state(args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key) -> tuple:
+def init_train_state(
+    args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key, t_start: int = 0
+) -> tuple:
     """(TrainState, per-layer target sparsities): masks all ones for gmp and none, random at the targets for
-    static/rigl/set (from mask_rng); params masked; the target network a copy of them."""
+    static/rigl/set (from mask_rng); params masked; the target network a copy of them. With --dense-warmup the random
+    masks wait in the state (dense_until) and the masks stay all ones until gradient step t_start."""
     sparsity = args.sparsity if args.pruning_method != "none" else 0.0
     targets = target_sparsities(params, sparsity, args.sparsity_distribution)
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+    dense_until = None
     if args.pruning_method in ("static", "rigl", "set"):
-        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
-    else:
-        masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+        drawn = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
+        masks, dense_until = (masks, (jnp.int32(t_start), drawn)) if args.dense_warmup else (drawn, None)
     params = apply_masks(params, masks)
     state = TrainState(params, params, masks, tx.init(params), jnp.zeros((), jnp.int32), key, jnp.ones((), bool))
-    return state, targets
+    return state.replace(dense_until=dense_until), targets
 
 
 def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
@@ -842,8 +854,12 @@ def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransf
        rigl/set also zero Adam's moments where connections were grown);
     2. Adam on the unmasked gradient;
     3. theta <- (theta + u) * m after EVERY step (Adam keeps pushing pruned weights away from 0).
+    With --dense-warmup, the step at gradient step t_start starts from the drawn masks (dense_warmup_switch).
     A step whose loss is not finite is refused on the device: the state stays as it was, with finite False, and
     stays so (the loop sees the flag when it logs, then checkpoints this last good state and stops)."""
+    before = state
+    if state.dense_until is not None:
+        state = dense_warmup_switch(state)
     key, mask_key = jax.random.split(state.key)
     masks, opt_state = state.masks, state.opt_state
     if counts is not None:
@@ -856,8 +872,27 @@ def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransf
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates), masks)
     new = state.replace(params=params, masks=masks, opt_state=opt_state, grad_step=state.grad_step + 1, key=key)
-    ok = state.finite & jnp.isfinite(loss)
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state.replace(finite=ok))
+    ok = before.finite & jnp.isfinite(loss)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, before.replace(finite=ok))
+
+
+def active_masks(state: TrainState):
+    """The masks whose per-layer counts RigL/SET's drop counts come from: with --dense-warmup the drawn ones (before
+    t_start the masks are all ones; from t_start on, dropping and regrowing keep each layer's count)."""
+    return state.masks if state.dense_until is None else state.dense_until[1]
+
+
+def dense_warmup_switch(state: TrainState) -> TrainState:
+    """--dense-warmup: at gradient step t_start the masks drawn at init replace the all-ones ones, the params are
+    masked and Adam's moments of the removed weights zeroed (as RigL zeroes a grown weight's); at other steps, a
+    no-op."""
+    t_start, drawn = state.dense_until
+    now = state.grad_step == t_start
+    masks = jax.tree.map(lambda m, d: jnp.where(now, d, m), state.masks, drawn)
+    keep = jax.tree.map(lambda m: jnp.where(now, m, 1).astype(m.dtype), masks)  # moments zeroed at t_start only
+    adam, *rest = state.opt_state
+    opt_state = (adam._replace(mu=apply_masks(adam.mu, keep), nu=apply_masks(adam.nu, keep)), *rest)
+    return state.replace(params=apply_masks(state.params, masks), masks=masks, opt_state=opt_state)
 
 
 def prune_window_fractions(args: Args) -> tuple:
@@ -1024,13 +1059,13 @@ def main(args: Args) -> dict:
     network = DuelingC51Network(n, args.num_atoms, *layers) if args.c51 else QNetwork(n, *layers)
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
-    state, targets = init_train_state(args, params, tx, mask_rng, train_key)
+    total_grad_steps = args.num_iterations * args.grad_steps_per_iteration
+    window = pruning_window(args, total_grad_steps)  # (t_start, t_end, frequency)
+    state, targets = init_train_state(args, params, tx, mask_rng, train_key, window[0])
     q_fn, loss_fn = make_q_fn(network, args, support), make_loss(network, args, support)
     update = make_update(loss_fn, tx, args.pruning_method)
     greedy_action = jax.jit(lambda params, obs: q_fn(params, obs[None], None).argmax(-1)[0])
     analysis = metrics.make_analysis(q_fn, loss_fn, args.metrics_grad_samples)
-    total_grad_steps = args.num_iterations * args.grad_steps_per_iteration
-    window = pruning_window(args, total_grad_steps)  # (t_start, t_end, frequency)
     final_sparsity, summarize = metrics.overall_sparsity(state.params, targets), jax.jit(metrics.sparsity_summary)
 
     # -------- start or resume: a new run, or a resumed one that goes on exactly where its checkpoint was written
@@ -1065,7 +1100,7 @@ def main(args: Args) -> dict:
     try:
         for grad_step in range(start + 1, total_grad_steps + 1):  # the number of gradient steps done after this one
             # -------- learn: a gradient step on a uniform batch (and the mask update when one is due), the target sync
-            counts = mask_update_counts(args, state.masks, targets, grad_step - 1, window)
+            counts = mask_update_counts(args, active_masks(state), targets, grad_step - 1, window)
             state, update_metrics = update(state, dataset.sample(rng, args.batch_size), counts)
             if grad_step % args.target_update_period == 0:
                 state = state.replace(target_params=state.params)
@@ -1082,7 +1117,10 @@ def main(args: Args) -> dict:
             if grad_step % args.log_frequency == 0:
                 now = time.time()
                 sps, window_time = args.log_frequency / max(now - window_time, 1e-9), now
-                schedule = gmp_schedule(grad_step - 1, *window[:2]) if args.pruning_method == "gmp" else 1.0
+                if args.pruning_method == "gmp":
+                    schedule = gmp_schedule(grad_step - 1, *window[:2])
+                else:  # --dense-warmup: dense until gradient step t_start
+                    schedule = float(not args.dense_warmup or grad_step > window[0])
                 scalars = {"charts/SPS": sps, "pruning/target_sparsity": final_sparsity * schedule, **update_metrics}
                 scalars = jax.device_get(dict(scalars, **summarize(state.params)))
                 for tag, value in scalars.items():
@@ -1103,8 +1141,8 @@ def main(args: Args) -> dict:
             if iteration_done:  # the iteration ends with an evaluation
                 returns = evaluate(env, greedy_action, state.params, rng, args.eval_steps, args.eval_epsilon, stack)
                 eval_returns.append(float(np.mean(returns)))
-                writer.add_scalar("charts/eval_return", eval_returns[-1], grad_step)
-                writer.add_scalar("charts/eval_episodes", len(returns), grad_step)
+                writer.add_scalar("eval/episodic_return", eval_returns[-1], grad_step)
+                writer.add_scalar("eval/episodes", len(returns), grad_step)
                 print(
                     f"iteration {len(eval_returns)}/{args.num_iterations} | grad step {grad_step} | eval return "
                     f"{eval_returns[-1]:.1f} over {len(returns)} episodes",

@@ -65,6 +65,13 @@ class Args:
     """write runs/{run_name}/{exp_name}.msgpack: flax msgpack of the plain dict {"params": ..., "masks": ...}"""
     log_frequency: int = 1000
     """env steps between logs of losses, epsilon, SPS and sparsity (episode returns: at every episode end)"""
+    eval_frequency: int = 0
+    """env steps between evaluations, and one after the last step: eval/episodic_return, the mean return of
+    --eval-episodes whole episodes on an env of their own, epsilon-greedy on the current params; 0: off"""
+    eval_episodes: int = 10
+    """episodes of each evaluation"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation episodes (Dopamine's evaluation phase and CleanRL's: 0.001)"""
     checkpoint_replay: bool = True
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
@@ -138,6 +145,9 @@ class Args:
     mask_sampling: Literal["exact", "bernoulli"] = "exact"
     """random initial masks (static, rigl, set): exactly round(N(1-s)) kept weights per layer, or independent
     Bernoulli(1-s) entries (Ma et al.'s code)"""
+    dense_warmup: bool = False
+    """static, rigl, set: train dense until the window starts (--prune-start-fraction), then apply the random initial
+    masks there; with rigl and --prune-start-fraction 0.2, RigL starts at 20% of training as in Ganaie et al."""
 
     metrics_frequency: int = 250_000
     """steps between logs of the analysis metrics (common/metrics.py: dormant and dead neurons, srank, norms,
@@ -194,6 +204,10 @@ def check_args(args: Args) -> None:
         (every is None or every > 0, "--prune-frequency-grad-steps must be > 0"),
         (0 <= start < end <= 1, f"need 0 <= --prune-start-fraction ({start}) < --prune-end-fraction ({end}) <= 1"),
         (0 < samples <= batch, f"--metrics-grad-samples must be in [1, --metrics-batch-size ({batch})], got {samples}"),
+        (
+            not args.dense_warmup or args.pruning_method in ("static", "rigl", "set"),
+            "--dense-warmup needs --pruning-method static, rigl or set",
+        ),
     ]
     for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
         choices, value = get_args(field.type) if get_origin(field.type) is Literal else (), getattr(args, field.name)
@@ -208,8 +222,10 @@ def run_checks(args: Args) -> list:
     """(ok, message) pairs for the online loop's fields (replay, exploration, schedule)."""
     a, starts, batch = args, args.learning_starts, args.batch_size
     positive = ("total_timesteps", "learning_rate", "adam_eps", "batch_size", "train_frequency", "gradient_steps")
-    positive += ("exploration_steps", "target_network_frequency")
+    positive += ("exploration_steps", "target_network_frequency", "eval_episodes")
     return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in positive] + [
+        (a.eval_frequency >= 0, "--eval-frequency must be >= 0 (0: off)"),
+        (0 <= a.eval_epsilon <= 1, "--eval-epsilon must be in [0, 1]"),
         (a.buffer_size >= batch, f"--buffer-size ({a.buffer_size}) must be >= --batch-size ({batch})"),
         (0 < a.gamma <= 1, "--gamma must be in (0, 1]"),
         (a.n_step >= 1, "--n-step must be >= 1"),
@@ -632,20 +648,25 @@ class TrainState(struct.PyTreeNode):
     grad_step: jax.Array  # c, gradient steps completed
     key: jax.Array  # raw uint32 key data (jax.random.PRNGKey), so that the state is plain arrays
     finite: jax.Array  # False once a step was refused for a non-finite loss: the state stays the last good one
+    dense_until: Any = None  # --dense-warmup: (gradient step t_start, the random masks applied there); else None
 
 
-def init_train_state(args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key) -> tuple:
+def init_train_state(
+    args: Args, params, tx: optax.GradientTransformation, mask_rng: np.random.Generator, key, t_start: int = 0
+) -> tuple:
     """(TrainState, per-layer target sparsities): masks all ones for gmp and none, random at the targets for
-    static/rigl/set (from mask_rng); params masked; the target network a copy of them."""
+    static/rigl/set (from mask_rng); params masked; the target network a copy of them. With --dense-warmup the random
+    masks wait in the state (dense_until) and the masks stay all ones until gradient step t_start."""
     sparsity = args.sparsity if args.pruning_method != "none" else 0.0
     targets = target_sparsities(params, sparsity, args.sparsity_distribution)
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+    dense_until = None
     if args.pruning_method in ("static", "rigl", "set"):
-        masks = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
-    else:
-        masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.uint8), params)
+        drawn = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
+        masks, dense_until = (masks, (jnp.int32(t_start), drawn)) if args.dense_warmup else (drawn, None)
     params = apply_masks(params, masks)
     state = TrainState(params, params, masks, tx.init(params), jnp.zeros((), jnp.int32), key, jnp.ones((), bool))
-    return state, targets
+    return state.replace(dense_until=dense_until), targets
 
 
 def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
@@ -654,8 +675,12 @@ def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransf
        rigl/set also zero Adam's moments where connections were grown);
     2. Adam on the unmasked gradient;
     3. theta <- (theta + u) * m after EVERY step (Adam keeps pushing pruned weights away from 0).
+    With --dense-warmup, the step at gradient step t_start starts from the drawn masks (dense_warmup_switch).
     A step whose loss is not finite is refused on the device: the state stays as it was, with finite False, and
     stays so (the loop sees the flag when it logs, then checkpoints this last good state and stops)."""
+    before = state
+    if state.dense_until is not None:
+        state = dense_warmup_switch(state)
     key, mask_key = jax.random.split(state.key)
     masks, opt_state = state.masks, state.opt_state
     if counts is not None:
@@ -668,8 +693,27 @@ def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransf
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates), masks)
     new = state.replace(params=params, masks=masks, opt_state=opt_state, grad_step=state.grad_step + 1, key=key)
-    ok = state.finite & jnp.isfinite(loss)
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state.replace(finite=ok))
+    ok = before.finite & jnp.isfinite(loss)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, before.replace(finite=ok))
+
+
+def active_masks(state: TrainState):
+    """The masks whose per-layer counts RigL/SET's drop counts come from: with --dense-warmup the drawn ones (before
+    t_start the masks are all ones; from t_start on, dropping and regrowing keep each layer's count)."""
+    return state.masks if state.dense_until is None else state.dense_until[1]
+
+
+def dense_warmup_switch(state: TrainState) -> TrainState:
+    """--dense-warmup: at gradient step t_start the masks drawn at init replace the all-ones ones, the params are
+    masked and Adam's moments of the removed weights zeroed (as RigL zeroes a grown weight's); at other steps, a
+    no-op."""
+    t_start, drawn = state.dense_until
+    now = state.grad_step == t_start
+    masks = jax.tree.map(lambda m, d: jnp.where(now, d, m), state.masks, drawn)
+    keep = jax.tree.map(lambda m: jnp.where(now, m, 1).astype(m.dtype), masks)  # moments zeroed at t_start only
+    adam, *rest = state.opt_state
+    opt_state = (adam._replace(mu=apply_masks(adam.mu, keep), nu=apply_masks(adam.nu, keep)), *rest)
+    return state.replace(params=apply_masks(state.params, masks), masks=masks, opt_state=opt_state)
 
 
 def prune_window_fractions(args: Args) -> tuple:
@@ -707,6 +751,30 @@ def prune_window(args: Args) -> tuple:
     """(t_start, t_end, frequency) of the pruning window over this run's gradient steps (--gradient-steps per event)."""
     events = num_grad_steps(args.total_timesteps, args.learning_starts, args.train_frequency)
     return pruning_window(args, events * args.gradient_steps)
+
+
+# ==================================================================================================== evaluation
+# -------------------------------------------------------------------------------- shared: evaluation
+def evaluate(args: Args, env, greedy_action, params, stack: int, step: int) -> list:
+    """Returns of --eval-episodes whole episodes on `env`, the evaluation's own instance, epsilon-greedy with
+    --eval-epsilon on `params` (frame stacks zero-filled at each episode's start, as in training). The env seeds and
+    the random actions come from a generator of (seed, step) alone: an evaluation never touches training's random
+    streams, and one redone after a resume is the same."""
+    rng, returns, t = np.random.default_rng([args.seed, 3, step]), [], 0
+    for _ in range(args.eval_episodes):
+        frame, _ = env.reset(seed=int(rng.integers(2**31)))
+        frames = deque([np.zeros_like(frame)] * (stack - 1) + [frame], maxlen=stack)
+        episode_return, done = 0.0, False
+        while not done:
+            if rng.random() < args.eval_epsilon:
+                action = int(rng.integers(env.action_space.n))
+            else:  # IQN draws its acting fractions from the step given: here the evaluation's step count
+                action = int(jax.device_get(greedy_action(params, np.stack(frames, axis=-1), t)))
+            frame, reward, terminated, truncated, _ = env.step(action)
+            frames.append(frame)
+            episode_return, done, t = episode_return + float(reward), terminated or truncated, t + 1
+        returns.append(episode_return)
+    return returns
 
 
 # ============================================================================================== algorithm: IQN
@@ -789,6 +857,7 @@ def main(args: Args) -> dict:
     # -------------------------------------------------------------------------------- shared: setup
     check_args(args)
     env, is_atari = make_env(args.env_id)
+    eval_env = make_env(args.env_id)[0] if args.eval_frequency else None  # the evaluations' own
     stack = 4 if is_atari else 1  # frames per state
     if args.network != "mlp" and not is_atari:
         raise ArgsError(f"--network {args.network} needs Atari frames; use --network mlp for {args.env_id}")
@@ -814,7 +883,7 @@ def main(args: Args) -> dict:
     dummy_obs, dummy_taus = np.zeros((1, *frame_shape, stack), frame_dtype), np.zeros((1, 1), np.float32)
     params = jax.jit(network.init)(init_key, dummy_obs, dummy_taus)["params"]
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
-    state, targets = init_train_state(args, params, tx, mask_rng, train_key)
+    state, targets = init_train_state(args, params, tx, mask_rng, train_key, prune_window(args)[0])
     loss_fn = make_loss(network, args)
     update = make_update(loss_fn, tx, args.pruning_method)
     q_fn = make_q_fn(network, args.num_quantile_samples)
@@ -894,7 +963,7 @@ def main(args: Args) -> dict:
             if global_step >= learning_starts:
                 if global_step % args.train_frequency == 0:
                     steps = range(grad_step, grad_step + args.gradient_steps)
-                    counts = tuple(mask_update_counts(args, state.masks, targets, c, window) for c in steps)
+                    counts = tuple(mask_update_counts(args, active_masks(state), targets, c, window) for c in steps)
                     batches = tuple(rb.sample(rng, args.batch_size) for _ in steps)
                     state, update_metrics = update(state, batches, counts)
                     grad_step += args.gradient_steps
@@ -907,8 +976,10 @@ def main(args: Args) -> dict:
                 now = time.time()
                 sps = (done - window_step) / max(now - window_time, 1e-9)
                 window_step, window_time = done, now
-                gmp = args.pruning_method == "gmp"
-                scheduled = final_sparsity * (gmp_schedule(grad_step - 1, *window[:2]) if gmp else 1.0)
+                if args.pruning_method == "gmp":
+                    scheduled = final_sparsity * gmp_schedule(grad_step - 1, *window[:2])
+                else:  # --dense-warmup: dense until gradient step t_start
+                    scheduled = final_sparsity * float(not args.dense_warmup or grad_step > window[0])
                 scalars = {"charts/SPS": sps, "charts/epsilon": epsilon, "charts/grad_steps": grad_step}
                 scalars.update({"pruning/target_sparsity": scheduled, **(update_metrics or {})})
                 scalars, finite = jax.device_get((dict(scalars, **summarize(state.params)), state.finite))
@@ -936,6 +1007,12 @@ def main(args: Args) -> dict:
                     metrics_batch = metrics.by_action(batch, args.metrics_grad_samples)
                 results = analysis(state.params, state.target_params, state.masks, metrics_batch, metrics_key)
                 metrics.write_analysis(writer, results, global_step)
+            if args.eval_frequency and (done % args.eval_frequency == 0 or done == args.total_timesteps):
+                began = time.time()
+                eval_returns = evaluate(args, eval_env, greedy_action, state.params, stack, global_step)
+                writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
+                print(f"step {done} | eval return {np.mean(eval_returns):.1f} over {len(eval_returns)} episodes")
+                window_time += time.time() - began  # the evaluation's time does not count against the SPS
             if args.checkpoint_frequency and done % args.checkpoint_frequency == 0:
                 writer = checkpoint(global_step)
     finally:  # also when interrupted: the logs so far are kept

@@ -1,16 +1,20 @@
 """Atari reference scores and game lists for human-normalized scores.
 
-RANDOM_HUMAN: the per-game (random, human) scores of DQN Zoo's atari_data.py (the "human_at30" protocol: at least 3
-episodes, 1-30 no-op starts, episodes capped at 108k frames), for the 57 games of Atari-57.
-Dopamine's table (labs/atari_100k/normalization_utils.py) has the same numbers except for three games, listed in
-DOPAMINE_DIFFERENCES: it has no human score for Defender and Surround, and a random score of 0.0 for VideoPinball.
-This project uses the DQN Zoo table; the plots say so. Five games of the 60-game set have no human score at all
-(AirRaid, Carnival, ElevatorAction, JourneyEscape, Pooyan): they cannot be normalized and are left out of aggregates.
+Two tables of per-game (random, human) scores, TABLES[name]:
+    dopamine  Dopamine's (dopamine/labs/atari_100k/normalization_utils.py), which rliable's Atari data and the IQMs of
+              Obando-Ceron et al. use: 55 games. The default of common/plot.py.
+    dqn_zoo   DQN Zoo's (dqn_zoo/atari_data.py; the "human_at30" protocol: at least 3 episodes, 1-30 no-op starts,
+              episodes capped at 108k frames): the 57 games of Atari-57.
+They agree but for three games: Dopamine's has no human score for Defender and Surround, and VideoPinball's random
+score is 0.0 there (16,256.9 in DQN Zoo's). VideoPinball is one of the paper's 15 games: a raw 30,000 is 1.70 with
+Dopamine's table and 9.74 with DQN Zoo's, so the two tables' aggregates are not comparable. Five games of the 60-game
+set have no human score in either (AirRaid, Carnival, ElevatorAction, JourneyEscape, Pooyan): they cannot be normalized
+and are left out of aggregates.
 
 Human-normalized score: HNS = (score - random) / (human - random).
 """
 
-RANDOM_HUMAN = {
+DQN_ZOO = {
     "Alien": (227.8, 7127.7),
     "Amidar": (5.8, 1719.5),
     "Assault": (222.4, 742.0),
@@ -70,7 +74,9 @@ RANDOM_HUMAN = {
     "Zaxxon": (32.5, 9173.3),
 }
 
-DOPAMINE_DIFFERENCES = {"Defender": "no human score", "Surround": "no human score", "VideoPinball": "random 0.0"}
+DOPAMINE = {game: scores for game, scores in DQN_ZOO.items() if game not in ("Defender", "Surround")}
+DOPAMINE["VideoPinball"] = (0.0, 17667.9)  # DQN Zoo's random score is 16,256.9
+TABLES = {"dopamine": DOPAMINE, "dqn_zoo": DQN_ZOO}
 
 # the 15 games of Graesser et al. (2022), used by Obando-Ceron et al. for every main result (App. B)
 GAMES_15 = (
@@ -124,7 +130,7 @@ GAMES_100K = (
 # Dopamine's 60 games (Obando-Ceron et al. Fig. 6; also the games of the DQN Replay Dataset): Atari-57 without Defender
 # and Surround, plus five games without a human score
 NO_HUMAN_SCORE = ("AirRaid", "Carnival", "ElevatorAction", "JourneyEscape", "Pooyan")
-GAMES_60 = tuple(sorted((set(RANDOM_HUMAN) - {"Defender", "Surround"}) | set(NO_HUMAN_SCORE)))
+GAMES_60 = tuple(sorted(set(DOPAMINE) | set(NO_HUMAN_SCORE)))
 
 
 def game_of(env_id: str):
@@ -134,7 +140,7 @@ def game_of(env_id: str):
     return env_id[len("ALE/") :].rsplit("-v", 1)[0]
 
 
-def human_normalized(game: str, score):
-    """(score - random) / (human - random) for one of the 57 games of RANDOM_HUMAN (KeyError for any other)."""
-    random, human = RANDOM_HUMAN[game]
+def human_normalized(game: str, score, table: str = "dopamine"):
+    """(score - random) / (human - random) with the scores of TABLES[table] (KeyError for a game it does not hold)."""
+    random, human = TABLES[table][game]
     return (score - random) / (human - random)

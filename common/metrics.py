@@ -92,6 +92,9 @@ def interference(covariance: jax.Array) -> tuple:
 # from the script's own network and loss, and written to TensorBoard.
 # ------------------------------------------------------------------------------------------------------------------
 OUTPUT_LAYERS = ("q", "logits", "value", "advantage")  # the heads' output layers; every other conv/dense is hidden
+# layers whose dormant fraction is logged on its own but left out of the overall one: IQN's quantile embedding
+# (3,872 k units on the ResNet, most of all counted units, so the overall fraction would mostly measure it)
+SEPARATE_LAYERS = ("quantile_embedding",)
 
 
 def layer_name(path) -> str:
@@ -121,20 +124,30 @@ def sparsity_summary(params) -> dict:
 
 
 def hidden_activations(q_fn, params, obs, key) -> tuple:
-    """(Q(s, .) (B, A), {layer: ReLU(output)} of every hidden conv and dense layer), recorded while q_fn runs. A unit's
-    activation is the ReLU of its layer's output: what the next layer sees in the CNN, the MLP and the heads; in the
-    ResNet, the ReLU of each conv's own contribution to the residual stream."""
-    outputs = {}
+    """(Q(s, .) (B, A), {layer: activations (B, ..., units)}), recorded while q_fn runs: the units whose dormancy is
+    measured. The CNN, the MLP and the heads: the ReLU of every hidden conv and dense layer's output, what the next
+    layer reads. The Impala ResNet: the 12 activations Dopamine's ReDo code records on it (labs/redo,
+    ScalableDQNResNet), per residual block the ReLU of the residual stream at its input, which its first conv reads
+    ({block}_input: the stack's conv after the max-pool, or the first block's output after the skip add), and the ReLU
+    of its first conv's output, which its second conv reads ({block}_conv0); the stacks' convs and the blocks' second
+    convs are not recorded themselves. Then the dense layer, as in the other torsos."""
+    activations = {}
 
     def record(call, call_args, call_kwargs, context):
         out = call(*call_args, **call_kwargs)
-        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
-            outputs["/".join(context.module.path)] = out
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv)):
+            name = "/".join(module.path)
+            if "_block" in module.name:  # a residual block's conv: what it reads, already ReLU'd
+                block, conv = name.rsplit("_", 1)
+                activations[block + ("_input" if conv == "conv0" else "_conv0")] = call_args[0]
+            elif not module.name.startswith("stack") and module.name not in OUTPUT_LAYERS:
+                activations[name] = nn.relu(out)
         return out
 
     with nn.intercept_methods(record):
         q = q_fn(params, obs, key)
-    return q, {name: nn.relu(out) for name, out in outputs.items() if name.split("/")[-1] not in OUTPUT_LAYERS}
+    return q, activations
 
 
 def make_analysis(q_fn, loss_fn, grad_samples: int):
@@ -145,13 +158,14 @@ def make_analysis(q_fn, loss_fn, grad_samples: int):
 
     def analysis(params, target_params, masks, batch, key):
         q, activations = hidden_activations(q_fn, params, batch.obs, key)
-        scalars = {"metrics/dormant_0.025": dormant_fractions(activations, 0.025)[1]}
-        per_layer, scalars["metrics/dormant_0.1"] = dormant_fractions(activations, 0.1)
+        counted = {name: a for name, a in activations.items() if name not in SEPARATE_LAYERS}
+        scalars = {f"metrics/dormant_{tau}": dormant_fractions(counted, tau)[1] for tau in (0.1, 0.025)}
+        per_layer = dormant_fractions(activations, 0.1)[0]
         scalars.update({f"metrics/dormant_0.1/{name}": value for name, value in per_layer.items()})
-        kernel_masks = {
+        kernel_masks = {  # every hidden layer's kernel (all 15 convs of the ResNet)
             layer_name(path[:-1]): m
             for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]
-            if layer_name(path[:-1]) in activations and m.ndim > 1
+            if m.ndim > 1 and path[-2].key not in OUTPUT_LAYERS
         }
         per_layer, scalars["metrics/dead_fraction"] = dead_neuron_fractions(kernel_masks)
         scalars.update({f"metrics/dead/{name}": value for name, value in per_layer.items()})

@@ -13,13 +13,14 @@ seed; never by parsing names), and writes to FIGURES_DIR:
     aggregates.csv                 the final IQM and its CI for every configuration and suite
     curves.csv                     the learning curves' points
 
-A suite is what is aggregated together: all ALE/{Game}-v5 runs, as human-normalized scores (HNS, common/atari_scores.py,
-DQN Zoo's table), or one classic-control env, as raw returns. A run's score at a point is the mean return over one
-of --points equal slices of the run (the online scripts' training returns, charts/episodic_return; cql_pruned.py's
-evaluation returns, charts/eval_return); its final score is that of the last slice (with --points 40 and the paper's
-10M env steps, the last iteration: "IQM after 40M frames"). Empty slices take the previous slice's value. Skipped,
-with a line saying why: runs with no return in their last slice (unfinished), a second run of one configuration,
-game and seed, and Atari games without a human score.
+A suite is what is aggregated together: all ALE/{Game}-v5 runs, as human-normalized scores (HNS, common/atari_scores.py;
+--score-table dopamine, the default: Dopamine's random and human scores, which the paper's IQMs use; dqn_zoo: DQN
+Zoo's), or one classic-control env, as raw returns. A run's score at a point is the mean return over one of --points
+equal slices of the run (the online scripts' training returns, charts/episodic_return, as in the paper; cql_pruned.py's
+evaluation returns, eval/episodic_return); its final score is that of the last slice (with --points 40 and the
+paper's 10M env steps, the last iteration: "IQM after 40M frames"). Empty slices take the previous slice's value.
+Skipped, with a line saying why: runs with no return in their last slice (unfinished), a second run of one
+configuration, game and seed, and Atari games without a human score in the table.
 
 Aggregates follow Agarwal et al. (2021) with rliable: IQM over the (runs x games) matrix of scores, 95% CIs from the
 stratified percentile bootstrap (runs resampled within each game; --reps 50,000 as in rliable, --curve-reps for the
@@ -53,15 +54,16 @@ def find_runs(runs_dir: str) -> list:
     return sorted(found)
 
 
-def read_returns(run_dir: str) -> tuple:
-    """(tag, [(step, value), ...]) of the run's scored returns: charts/eval_return if logged, else
-    charts/episodic_return."""
+def read_returns(run_dir: str, offline: bool) -> tuple:
+    """(tag, [(step, value), ...]) of the run's scored returns: an offline run's evaluations (eval/episodic_return;
+    charts/eval_return in runs written before the online agents evaluated), an online run's training returns
+    (charts/episodic_return, as the paper's figures; its evaluations are not read)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    for tag in ("charts/eval_return", "charts/episodic_return"):
+    for tag in ("eval/episodic_return", "charts/eval_return") if offline else ("charts/episodic_return",):
         if tag in tags:
             return tag, [(event.step, event.value) for event in accumulator.Scalars(tag)]
     return None, []
@@ -92,19 +94,19 @@ def sliced_scores(returns: list, length: int, points: int) -> np.ndarray:
     return scores
 
 
-def load_runs(runs_dir: str, points: int) -> list:
-    """One record per usable run: its grouping keys, suite, task and (points,) normalized scores."""
+def load_runs(runs_dir: str, points: int, table: str = "dopamine") -> list:
+    """One record per usable run: its grouping keys, suite, task and (points,) scores, normalized by
+    atari_scores.TABLES[table] for Atari games."""
     records = []
     for run_dir in find_runs(runs_dir):
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
-        tag, returns = read_returns(run_dir)
+        offline = "num_iterations" in config
+        tag, returns = read_returns(run_dir, offline)
         if not returns:
             print(f"skipped {run_dir}: no returns logged")
             continue
-        if (
-            tag == "charts/eval_return"
-        ):  # logged at the gradient steps done (k * iteration), the online returns at the step's index
+        if offline:  # logged at the gradient steps done (k * iteration), the online returns at the step's index
             returns = [(step - 1, value) for step, value in returns]
         length = run_length(config)
         if max(step for step, _ in returns) < length * (points - 1) / points:
@@ -113,10 +115,10 @@ def load_runs(runs_dir: str, points: int) -> list:
         game = atari_scores.game_of(config["env_id"])
         scores = sliced_scores(returns, length, points)
         if game is not None:
-            if game not in atari_scores.RANDOM_HUMAN:
-                print(f"skipped {run_dir}: {game} has no human score to normalize by")
+            if game not in atari_scores.TABLES[table]:
+                print(f"skipped {run_dir}: {game} has no human score in the {table} table")
                 continue
-            scores = atari_scores.human_normalized(game, scores)
+            scores = atari_scores.human_normalized(game, scores, table)
         method = config["pruning_method"]
         replay_ratio = config.get("replay_ratio")  # None in offline runs
         if (
@@ -197,7 +199,7 @@ def suite_name(suite: str) -> str:
     return suite.replace("/", "_")
 
 
-def plot_curves(suite: str, results: dict, points: int, out_dir: str) -> str:
+def plot_curves(suite: str, results: dict, points: int, out_dir: str, score: str) -> str:
     """Learning curves: IQM against the fraction of the run, with the CI band, one panel per script."""
     scripts = sorted({config[0] for config in results})
     fig, axes = plt.subplots(1, len(scripts), figsize=(5 * len(scripts), 3.6), squeeze=False)
@@ -210,12 +212,12 @@ def plot_curves(suite: str, results: dict, points: int, out_dir: str) -> str:
             ax.fill_between(x, r["curve"][1], r["curve"][2], alpha=0.2)
         ax.set_title(script)
         ax.set_xlabel("steps (end of slice)")
-        ax.set_ylabel("IQM human-normalized score" if suite == "atari" else f"IQM return ({suite})")
+        ax.set_ylabel(f"IQM {score}")
         ax.legend(fontsize=7)
     return save(fig, os.path.join(out_dir, f"curves_{suite_name(suite)}.png"))
 
 
-def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str) -> str:
+def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str, score: str) -> str:
     """Final IQM with its CI against sparsity (x_key 'sparsity': one line per script, method and width; dense is a
     point at sparsity 0), against width (x_key 'width': one line per script, method and sparsity, dense included) or
     against the replay ratio (x_key 'replay_ratio'); every line also holds the other keys fixed."""
@@ -241,7 +243,7 @@ def plot_final_against(suite: str, results: dict, x_key: str, out_dir: str) -> s
             ),
         )
     ax.set_xlabel(x_key)
-    ax.set_ylabel("final IQM human-normalized score" if suite == "atari" else f"final IQM return ({suite})")
+    ax.set_ylabel(f"final IQM {score}")
     ax.legend(fontsize=7)
     return save(fig, os.path.join(out_dir, f"iqm_vs_{x_key}_{suite_name(suite)}.png"))
 
@@ -266,12 +268,18 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--curve-reps", type=int, default=2_000, help="bootstrap resamples of the curves' CIs")
     parser.add_argument("--seed", type=int, default=0, help="random state of the bootstraps")
+    parser.add_argument(
+        "--score-table",
+        default="dopamine",
+        choices=sorted(atari_scores.TABLES),
+        help="random and human Atari scores: Dopamine's (the paper's IQMs) or DQN Zoo's (common/atari_scores.py)",
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.runs_dir):
         parser.error(f"{args.runs_dir} is not a directory")
     if args.points < 1 or args.reps < 1 or args.curve_reps < 1:
         parser.error("--points, --reps and --curve-reps must be >= 1")
-    records = load_runs(args.runs_dir, args.points)
+    records = load_runs(args.runs_dir, args.points, args.score_table)
     if not records:
         parser.error(f"no runs with logged returns below {args.runs_dir}")
     os.makedirs(args.out, exist_ok=True)
@@ -293,7 +301,14 @@ def main(argv=None) -> dict:
         out.writerow(["suite", *CONFIG_KEYS, "seeds", "tasks", "iqm", "ci_low", "ci_high", "score"])
         for (suite, config), r in sorted(results.items()):
             out.writerow(
-                [suite, *config, r["runs"], len(r["tasks"]), *r["final"], "hns" if suite == "atari" else "return"]
+                [
+                    suite,
+                    *config,
+                    r["runs"],
+                    len(r["tasks"]),
+                    *r["final"],
+                    f"hns_{args.score_table}" if suite == "atari" else "return",
+                ]
             )
     with open(os.path.join(args.out, "curves.csv"), "w", newline="") as f:
         out = csv.writer(f)
@@ -307,12 +322,13 @@ def main(argv=None) -> dict:
         in_suite = {config: r for (s, config), r in results.items() if s == suite}
         if len({tuple(r["tasks"]) for r in in_suite.values()}) > 1:
             print(f"warning: the configurations of suite {suite} cover different games; their IQMs are not comparable")
-        written.append(plot_curves(suite, in_suite, args.points, args.out))
-        written.append(plot_final_against(suite, in_suite, "sparsity", args.out))
-        written.append(plot_final_against(suite, in_suite, "width", args.out))
+        score = f"human-normalized score ({args.score_table} table)" if suite == "atari" else f"return ({suite})"
+        written.append(plot_curves(suite, in_suite, args.points, args.out, score))
+        written.append(plot_final_against(suite, in_suite, "sparsity", args.out, score))
+        written.append(plot_final_against(suite, in_suite, "width", args.out, score))
         ratios = {config[CONFIG_KEYS.index("replay_ratio")] for config in in_suite} - {None}
         if len(ratios) > 1:  # runs at more than one replay ratio (the paper's Fig. 5 and 17)
-            written.append(plot_final_against(suite, in_suite, "replay_ratio", args.out))
+            written.append(plot_final_against(suite, in_suite, "replay_ratio", args.out, score))
     for path in written:
         print(f"wrote {path}")
     return {"written": written, "results": results}

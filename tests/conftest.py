@@ -79,13 +79,14 @@ METRIC_TAGS = [
 ]
 
 
-def check_metric_logs(run_dir: str, scalars: dict, steps: list, hidden_layers: list) -> None:
-    """The analysis metrics were logged at exactly `steps`, per layer for exactly the hidden layers, with the
-    covariance heat map; fractions are fractions."""
+def check_metric_logs(run_dir: str, scalars: dict, steps: list, hidden_layers: list, dormant_layers=None) -> None:
+    """The analysis metrics were logged at exactly `steps`, dead fractions per layer for exactly the hidden layers,
+    dormant ones for exactly `dormant_layers` (default: the hidden layers), with the covariance heat map; fractions are
+    fractions."""
     for tag in METRIC_TAGS:
         assert [step for step, _ in scalars[tag]] == steps, tag
     assert sorted(t[len("metrics/dormant_0.1/") :] for t in scalars if t.startswith("metrics/dormant_0.1/")) == sorted(
-        hidden_layers
+        hidden_layers if dormant_layers is None else dormant_layers
     )
     assert sorted(t[len("metrics/dead/") :] for t in scalars if t.startswith("metrics/dead/")) == sorted(hidden_layers)
     for tag in ("metrics/dormant_0.1", "metrics/dormant_0.025", "metrics/dead_fraction", "metrics/grad_interference"):

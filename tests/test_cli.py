@@ -84,6 +84,8 @@ HIDDEN_LAYERS = {
     "cnn": ["torso/conv0", "torso/conv1", "torso/conv2"],
     "mlp": ["torso/fc"],
 }
+# the ResNet's dormant neurons as ReDo's code records them: per block, its input stream and its first conv's ReLU
+REDO_LAYERS = [f"torso/stack{i}_block{j}_{unit}" for i in range(3) for j in range(2) for unit in ("input", "conv0")]
 
 
 @pytest.mark.parametrize("script, method, network", RUNS)
@@ -142,8 +144,9 @@ def test_tiny_run(tmp_path, script, method, network):
     if method == "gmp":  # sparsity rose during the run instead of being there from the start
         assert scalars["pruning/kernel_sparsity"][0][1] == 0.0
     if analysed:  # after learning starts (env step 80), every 80 env steps
-        hidden = HIDDEN_LAYERS[network] + ["dense"] + (["quantile_embedding"] if module in (iqn, miqn) else [])
-        check_metric_logs(run_dir, scalars, [159, 239], hidden)
+        head = ["dense"] + (["quantile_embedding"] if module in (iqn, miqn) else [])
+        dormant = (REDO_LAYERS if network == "resnet" else HIDDEN_LAYERS[network]) + head
+        check_metric_logs(run_dir, scalars, [159, 239], HIDDEN_LAYERS[network] + head, dormant)
     else:
         assert not any(
             tag.startswith("metrics/") for tag in scalars
@@ -175,6 +178,8 @@ BAD_INPUTS = [
     (["--start-e", "0.1", "--end-e", "0.5"], "need 0 <= --end-e <= --start-e <= 1"),
     (["--train-frequency", "0"], "--train-frequency must be > 0"),
     (["--gradient-steps", "0"], "--gradient-steps must be > 0"),
+    (["--dense-warmup"], "--dense-warmup needs --pruning-method static, rigl or set"),  # gmp, the default
+    (["--eval-epsilon", "2"], "--eval-epsilon must be in [0, 1]"),
     (["--target-network-frequency", "0"], "--target-network-frequency must be > 0"),
     (["--log-frequency", "0"], "--log-frequency must be > 0"),
     (["--learning-rate", "0"], "--learning-rate must be > 0"),

@@ -129,8 +129,8 @@ def test_tiny_offline_run(tmp_path, request, method, c51, data):
         assert [step for step, _ in scalars[tag]] == [10, 20, 30, 40], tag  # x-axis: gradient steps
     for tag in ("pruning/target_sparsity", "pruning/kernel_sparsity", "pruning/total_sparsity"):
         assert [step for step, _ in scalars[tag]] == [10, 20, 30, 40], tag
-    assert [step for step, _ in scalars["charts/eval_return"]] == [20, 40]  # after each iteration
-    assert [value for _, value in scalars["charts/eval_episodes"]] == [1, 1]  # --eval-steps 1: one whole episode
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [20, 40]  # after each iteration
+    assert [value for _, value in scalars["eval/episodes"]] == [1, 1]  # --eval-steps 1: one whole episode
     assert min(value for _, value in scalars["losses/cql_loss"]) >= 0  # logsumexp >= any one action's value
     assert scalars["pruning/kernel_sparsity"][-1][1] >= 1 - kept / total - 1e-6
     assert scalars["pruning/target_sparsity"][-1][1] == pytest.approx(sparsity, abs=1e-3)
@@ -279,4 +279,4 @@ def test_readme_online_run_trains_cql(tmp_path, monkeypatch):
         scalars = read_scalars(evaluations["run_dir"])
         assert scalars["pruning/kernel_sparsity"][-1][1] == pytest.approx(0.9 if method == "gmp" else 0.0, abs=1e-3)
         steps = [offline.grad_steps_per_iteration * (i + 1) for i in range(offline.num_iterations)]
-        assert [step for step, _ in scalars["charts/eval_return"]] == steps
+        assert [step for step, _ in scalars["eval/episodic_return"]] == steps

@@ -1,6 +1,8 @@
 """common/metrics.py against hand-computed values on tiny inputs (eager and jitted), and each script's analysis against
 an independent recomputation (NumPy forward pass, one jax.grad per transition)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,3 +223,91 @@ def test_by_action_orders_the_covariance_samples():
     order = np.concatenate([np.argsort(batch.actions[:5], kind="stable"), np.arange(5, 9)])
     for field, original in zip(ordered, batch):
         np.testing.assert_array_equal(field, original[order])
+
+
+def conv_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A stride-1 SAME convolution in NumPy. (B, H, W, C), (k, k, C, O), (O,) -> (B, H, W, O)."""
+    k = kernel.shape[0]
+    padded = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))  # (B, H, W, C, k, k)
+    return np.einsum("bhwcij,ijco->bhwo", windows, kernel) + bias
+
+
+def max_pool_same(x: np.ndarray) -> np.ndarray:
+    """3x3 max-pool, stride 2, SAME (XLA's padding: the odd pad at the end). (B, H, W, C) -> (B, ceil(H/2), ...)."""
+    size = x.shape[1]
+    out = -(-size // 2)
+    total = max((out - 1) * 2 + 3 - size, 0)
+    padded = np.pad(
+        x, ((0, 0), (total // 2, total - total // 2), (total // 2, total - total // 2), (0, 0)), constant_values=-np.inf
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))[:, ::2, ::2]
+    return windows.max(axis=(-2, -1))
+
+
+def test_resnet_dormant_neurons_are_redo_layers():
+    """The Impala ResNet's dormant neurons are the 13 layers of Dopamine's ReDo code: per residual block, the ReLU'd
+    stream at its input and the ReLU of its first conv, plus the dense layer; values and fractions against a NumPy
+    forward pass. Its dead neurons still cover every hidden kernel (15 convs and dense)."""
+    rng = np.random.default_rng(8)
+    network = dqn.QNetwork(4, "resnet", 1, False, True, True)
+    obs = rng.integers(0, 256, (3, 84, 84, 4)).astype(np.uint8)
+    params = network.init(jax.random.key(0), obs)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)  # biases != 0
+    q_fn = dqn.make_q_fn(network)
+    q, activations = metrics.hidden_activations(q_fn, params, obs, None)
+
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    conv = lambda name, x: conv_same(x, p["torso"][name]["kernel"], p["torso"][name]["bias"])
+    x, expected = obs.astype(np.float64) / 255.0, {}
+    for i in range(3):
+        x = max_pool_same(conv(f"stack{i}_conv", x))
+        for j in range(2):
+            block = f"torso/stack{i}_block{j}"
+            expected[f"{block}_input"] = relu(x)
+            expected[f"{block}_conv0"] = relu(conv(f"stack{i}_block{j}_conv0", relu(x)))
+            x = x + conv(f"stack{i}_block{j}_conv1", expected[f"{block}_conv0"])
+    features = relu(x).reshape(3, -1)
+    expected["dense"] = relu(features @ p["dense"]["kernel"] + p["dense"]["bias"])
+    assert list(activations) == list(expected) and len(expected) == 13
+    for name, value in expected.items():
+        np.testing.assert_allclose(activations[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(q, expected["dense"] @ p["q"]["kernel"] + p["q"]["bias"], rtol=1e-4, atol=1e-5)
+
+    loss_fn = dqn.make_loss(network)
+    batch = dqn.Batch(obs, np.array([0, 1, 3], np.int32), np.ones(3, np.float32), np.full(3, 0.9, np.float32), obs)
+    masks = jax.tree.map(lambda p: np.ones(p.shape, np.uint8), params)
+    scalars = jax.device_get(
+        metrics.make_analysis(q_fn, loss_fn, 2)(params, params, masks, batch, jax.random.key(2))[0]
+    )
+    scores = {name: np.abs(h).reshape(-1, h.shape[-1]).mean(0) for name, h in expected.items()}
+    dormant = {name: s / s.mean() <= 0.1 for name, s in scores.items()}
+    assert scalars["metrics/dormant_0.1"] == pytest.approx(np.concatenate(list(dormant.values())).mean(), abs=1e-6)
+    for name, flags in dormant.items():
+        assert scalars[f"metrics/dormant_0.1/{name}"] == pytest.approx(flags.mean(), abs=1e-6)
+    assert 0 < scalars["metrics/dormant_0.1"] < 1  # some units dormant, not all: the check can fail
+    dead = sorted(tag[len("metrics/dead/") :] for tag in scalars if tag.startswith("metrics/dead/"))
+    assert len(dead) == 16 and "torso/stack0_conv" in dead and "torso/stack2_block1_conv1" in dead and "dense" in dead
+
+
+def test_quantile_embedding_is_left_out_of_the_overall_fraction():
+    """IQN's quantile embedding gets its own per-layer tag; the overall fractions count the torso and dense only."""
+    rng = np.random.default_rng(9)
+    batch = small_batch(rng, 8, 3)
+    network = iqn.IQNNetwork(3, "mlp", 1, False, True, True, 8)
+    params = network.init(jax.random.key(0), batch.obs, np.zeros((1, 1), np.float32))["params"]
+    bias = params["quantile_embedding"]["bias"]
+    params["quantile_embedding"]["bias"] = bias.at[: bias.size // 2].set(-100.0)  # half its units dormant
+    args = iqn.Args(env_id="CartPole-v1", network="mlp", num_tau_samples=4, num_tau_prime_samples=5)
+    q_fn, loss_fn = iqn.make_q_fn(network, 3), iqn.make_loss(network, dataclasses.replace(args, num_quantile_samples=3))
+    masks = jax.tree.map(lambda p: np.ones(p.shape, np.uint8), params)
+    analysis = metrics.make_analysis(q_fn, loss_fn, 4)
+    scalars = jax.device_get(analysis(params, params, masks, batch, jax.random.key(1))[0])
+    _, activations = metrics.hidden_activations(q_fn, params, batch.obs, jax.random.key(1))
+    for tau in (0.1, 0.025):
+        counted = {name: activations[name] for name in ("torso/fc", "dense")}
+        assert scalars[f"metrics/dormant_{tau}"] == pytest.approx(float(metrics.dormant_fractions(counted, tau)[1]))
+        everything = metrics.dormant_fractions(activations, tau)[1]  # what the overall fraction was before
+        assert abs(float(everything) - scalars[f"metrics/dormant_{tau}"]) > 0.05
+    embedding = metrics.dormant_fractions({"e": activations["quantile_embedding"]}, 0.1)[1]
+    assert scalars["metrics/dormant_0.1/quantile_embedding"] == pytest.approx(float(embedding)) and embedding >= 0.5

@@ -148,7 +148,7 @@ def test_plot_command_writes_figures_and_csv_matching_rliable(runs, tmp_path):
         )
         dense_sparsity = 0.0 if config[1] == "none" else config[2]
         row = rows[("atari", config[0], config[1], dense_sparsity, config[3])]
-        assert (int(row["seeds"]), int(row["tasks"]), row["score"]) == (3, 2, "hns")
+        assert (int(row["seeds"]), int(row["tasks"]), row["score"]) == (3, 2, "hns_dopamine")
         np.testing.assert_allclose(
             [float(row["iqm"]), float(row["ci_low"]), float(row["ci_high"])],
             [point["x"][0], interval["x"][0][0], interval["x"][1][0]],
@@ -177,13 +177,16 @@ def test_sliced_scores_fill_empty_slices():
 
 def test_offline_evaluations_unfinished_and_repeated_runs(tmp_path, capsys):
     """cql_pruned.py logs an evaluation at the gradient steps done after each iteration (k * 250 of 1000 here): each
-    lands in its own slice. An unfinished run and a second run of one configuration and seed are left out, saying so."""
+    lands in its own slice. An unfinished run and a second run of one configuration and seed are left out, saying so.
+    Runs written before the online agents evaluated logged charts/eval_return: read too. A training return logged
+    beside them is not."""
 
-    def offline_run(name: str, evaluations: list) -> None:
+    def offline_run(name: str, evaluations: list, tag: str = "eval/episodic_return") -> None:
         run_dir = tmp_path / name
         writer = SummaryWriter(str(run_dir))
         for step, value in evaluations:
-            writer.add_scalar("charts/eval_return", value, step)
+            writer.add_scalar(tag, value, step)
+            writer.add_scalar("charts/episodic_return", -1.0, step)
         writer.close()
         config = {
             "env_id": "CartPole-v1",
@@ -201,11 +204,12 @@ def test_offline_evaluations_unfinished_and_repeated_runs(tmp_path, capsys):
         (run_dir / "config.json").write_text(json.dumps(config))
 
     offline_run("a", [(250, 10.0), (500, 20.0), (750, 30.0), (1000, 40.0)])
-    offline_run("b", [(250, 99.0), (500, 99.0), (750, 99.0), (1000, 99.0)])  # the same configuration and seed again
+    offline_run("b", [(250, 99.0), (500, 99.0), (750, 99.0), (1000, 99.0)], "charts/eval_return")  # the same again
     offline_run("c", [(250, 5.0)])  # unfinished
     records = plot.load_runs(str(tmp_path), 4)
     assert [r["run_dir"][-1] for r in records] == ["a", "b"] and records[0]["script"] == "cql_pruned.py --c51"
     np.testing.assert_allclose(records[0]["scores"], [10, 20, 30, 40])
+    np.testing.assert_allclose(records[1]["scores"], [99, 99, 99, 99])  # the older tag
     matrices = plot.score_matrices(records)
     ((scores, tasks, length),) = matrices.values()
     np.testing.assert_allclose(scores[:, 0, :], [[10, 20, 30, 40]])  # one run: the second was left out
@@ -233,6 +237,39 @@ def test_replay_ratios_are_configurations_of_their_own(tmp_path):
     assert plot.label(("cql_pruned.py", "cnn", "none", 0.0, 3, None)) == "cql_pruned.py cnn none k=3"
 
 
+def test_score_table_option(tmp_path, capsys):
+    """--score-table: Dopamine's table by default, DQN Zoo's on request; a game without a human score in the table is
+    left out with a line saying so. Pong (the same in both), VideoPinball (random 0.0 vs 16,256.9) and Defender (no
+    human score in Dopamine's), 3 seeds each."""
+    runs = str(tmp_path / "runs")
+    raw = {
+        "ALE/Pong-v5": (-20.0, 0.0, 10.0),
+        "ALE/VideoPinball-v5": (20_000.0, 30_000.0, 60_000.0),
+        "ALE/Defender-v5": (3000.0, 5000.0, 8000.0),
+    }
+    for game, returns in raw.items():
+        for seed, value in enumerate(returns, start=1):
+            fake_run(runs, "dqn_pruned.py", game, "gmp", 0.95, 1, seed, [(995, value)])
+    finals, rows = {}, {}
+    for table in ("dopamine", "dqn_zoo"):
+        out = str(tmp_path / table)
+        flags = ["--out", out, "--points", "1", "--reps", "2000", "--curve-reps", "20", "--score-table", table]
+        (result,) = plot.main([runs, *flags])["results"].values()
+        finals[table] = result["final"][0]
+        with open(os.path.join(out, "aggregates.csv")) as f:
+            (rows[table],) = csv.DictReader(f)
+        printed = capsys.readouterr().out
+        assert ("Defender has no human score in the dopamine table" in printed) == (table == "dopamine")
+        assert result["tasks"] == ["ALE/Defender-v5", "ALE/Pong-v5", "ALE/VideoPinball-v5"][table == "dopamine" :]
+    pong = [(v + 20.7) / 35.3 for v in raw["ALE/Pong-v5"]]
+    defender = [(v - 2874.5) / (18688.9 - 2874.5) for v in raw["ALE/Defender-v5"]]
+    for table, random, more, trimmed in (("dopamine", 0.0, [], 1), ("dqn_zoo", 16256.9, defender, 2)):
+        pinball = [(v - random) / (17667.9 - random) for v in raw["ALE/VideoPinball-v5"]]
+        scores = sorted(pong + pinball + more)  # the IQM of 6 (9) scores trims int(6 / 4) = 1 (int(9 / 4) = 2) per end
+        assert finals[table] == pytest.approx(np.mean(scores[trimmed:-trimmed]), rel=1e-5)
+        assert rows[table]["score"] == f"hns_{table}"
+
+
 def test_plot_refuses_an_empty_directory(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "common.plot", str(tmp_path), "--out", str(tmp_path / "f")],
@@ -245,16 +282,22 @@ def test_plot_refuses_an_empty_directory(tmp_path):
 
 
 def test_atari_tables():
-    assert len(atari_scores.RANDOM_HUMAN) == 57 and len(atari_scores.GAMES_60) == 60
-    assert set(atari_scores.GAMES_15) <= set(atari_scores.RANDOM_HUMAN) and set(atari_scores.GAMES_100K) <= set(
-        atari_scores.RANDOM_HUMAN
-    )
+    zoo, dopamine = atari_scores.TABLES["dqn_zoo"], atari_scores.TABLES["dopamine"]
+    assert len(zoo) == 57 and len(dopamine) == 55 and len(atari_scores.GAMES_60) == 60
+    for games in (atari_scores.GAMES_15, atari_scores.GAMES_100K):  # every game the paper or Atari 100k uses
+        assert set(games) <= set(dopamine) and set(games) <= set(zoo)
     assert len(set(atari_scores.GAMES_15)) == 15 and len(set(atari_scores.GAMES_100K)) == 26
-    assert set(atari_scores.GAMES_60) - set(atari_scores.RANDOM_HUMAN) == set(atari_scores.NO_HUMAN_SCORE)
-    assert atari_scores.RANDOM_HUMAN["Pong"] == (-20.7, 14.6) and atari_scores.RANDOM_HUMAN["VideoPinball"] == (
-        16256.9,
-        17667.9,
-    )
+    assert set(atari_scores.GAMES_60) - set(dopamine) == set(atari_scores.NO_HUMAN_SCORE)
+    # where the tables differ, against their sources: Dopamine's labs/atari_100k/normalization_utils.py (no human
+    # score for Defender and Surround, VideoPinball's random score 0.0) and DQN Zoo's atari_data.py
+    assert dopamine["VideoPinball"] == (0.0, 17667.9) and zoo["VideoPinball"] == (16256.9, 17667.9)
+    assert zoo["Defender"] == (2874.5, 18688.9) and zoo["Surround"] == (-10.0, 6.5)
+    assert set(zoo) - set(dopamine) == {"Defender", "Surround"}
+    assert [game for game in dopamine if dopamine[game] != zoo[game]] == ["VideoPinball"]
+    assert zoo["Pong"] == dopamine["Pong"] == (-20.7, 14.6) and dopamine["Qbert"] == (163.9, 13455.0)
+    # the issue's example: a raw 30,000 on VideoPinball
+    assert atari_scores.human_normalized("VideoPinball", 30_000.0) == pytest.approx(30_000 / 17667.9)  # 1.70
+    assert atari_scores.human_normalized("VideoPinball", 30_000.0, "dqn_zoo") == pytest.approx(13743.1 / 1411.0)  # 9.74
     assert atari_scores.human_normalized("Breakout", 30.5) == pytest.approx(1.0)
     assert atari_scores.human_normalized("Breakout", 1.7) == pytest.approx(0.0)
     assert atari_scores.game_of("ALE/MsPacman-v5") == "MsPacman" and atari_scores.game_of("CartPole-v1") is None

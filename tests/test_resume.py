@@ -95,7 +95,7 @@ def same_runs(reference: str, resumed: str, model: str) -> None:
     for tag in scalars_expected:
         if tag != "charts/SPS":
             assert scalars_got[tag] == scalars_expected[tag], tag
-    returns = scalars_got.get("charts/episodic_return") or scalars_got["charts/eval_return"]
+    returns = scalars_got.get("charts/episodic_return") or scalars_got["eval/episodic_return"]
     steps = [step for step, _ in returns]
     assert len(returns) > 5 and steps == sorted(set(steps))  # no duplicate step
 
@@ -106,7 +106,7 @@ ONLINE = [
     ("dqn_pruned.py", "rigl", []),
     ("dqn_pruned.py", "set", []),
     ("dqn_pruned.py", "static", []),
-    ("dqn_pruned.py", "none", []),
+    ("dqn_pruned.py", "none", ["--eval-frequency", "1000", "--eval-episodes", "2"]),  # evaluations resumed too
     ("rainbow_pruned.py", "gmp", TWO_STEPS),
     ("iqn_pruned.py", "rigl", [*FEWER_QUANTILES, *TWO_STEPS]),
     ("miqn_pruned.py", "static", [*FEWER_QUANTILES, "--train-frequency", "2"]),

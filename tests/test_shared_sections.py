@@ -24,6 +24,7 @@ SECTIONS = [
     "replay buffer",
     "sparse training",
     "schedules",
+    "evaluation",
     "setup",
     "start or resume",
     "act and store",
