@@ -233,6 +233,10 @@ def check_args(args: Args) -> None:
             not args.dense_warmup or args.pruning_method in ("static", "rigl", "set"),
             "--dense-warmup needs --pruning-method static, rigl or set",
         ),
+        (
+            not args.dense_warmup or start > 0,
+            "--dense-warmup needs --prune-start-fraction > 0: its dense phase ends there",
+        ),
     ]
     for field in dataclasses.fields(args):  # tyro checks these on the command line; main(Args(...)) too
         choices, value = get_args(field.type) if get_origin(field.type) is Literal else (), getattr(args, field.name)
@@ -1244,10 +1248,11 @@ def resume_checks(args: Args) -> list:
     if not args.resume:
         return []
     config, script = saved_config(args.resume), os.path.basename(__file__)
+    saved = {field.name: config.get(field.name, field.default) for field in dataclasses.fields(Args)}  # older runs
     differences = [
-        f"{flag(name)} {config[name]!r} in the run, {value!r} now"
+        f"{flag(name)} {saved[name]!r} in the run, {value!r} now"
         for name, value in dataclasses.asdict(args).items()
-        if name in config and name not in RESUME_MAY_CHANGE and config[name] != value
+        if name not in RESUME_MAY_CHANGE and saved[name] != value
     ]
     theirs = config.get("script", script)
     return [

@@ -1,8 +1,8 @@
 """From runs/ to the paper's figures: python -m common.plot RUNS_DIR --out FIGURES_DIR
 
 Reads every run directory below RUNS_DIR (a directory with a config.json, as every *_pruned.py writes), groups the
-runs by what their config says (script, with --c51 apart, network, env, pruning method, sparsity, width, replay ratio,
-seed; never by parsing names), and writes to FIGURES_DIR:
+runs by what their config says (script, with --c51 apart, network, env, pruning method, with --dense-warmup apart as
+"rigl+warmup", sparsity, width, replay ratio, seed; never by parsing names), and writes to FIGURES_DIR:
     curves_{suite}.png             IQM learning curves with 95% CI bands, one panel per script
     iqm_vs_sparsity_{suite}.png    final IQM against sparsity, one line per (script, method, width, replay ratio); dense
                                    at 0
@@ -119,7 +119,7 @@ def load_runs(runs_dir: str, points: int, table: str = "dopamine") -> list:
                 print(f"skipped {run_dir}: {game} has no human score in the {table} table")
                 continue
             scores = atari_scores.human_normalized(game, scores, table)
-        method = config["pruning_method"]
+        method = config["pruning_method"] + ("+warmup" if config.get("dense_warmup") else "")  # dense until t_start
         replay_ratio = config.get("replay_ratio")  # None in offline runs
         if (
             replay_ratio is None and "train_frequency" in config

@@ -170,6 +170,8 @@ def check_grid(script: str, points: list) -> dict:
         point, args = given, parse(given)
         if not isinstance(args, str):
             drop = UNUSED_BY_METHOD.get(args.pruning_method, ())
+            if getattr(args, "dense_warmup", False):  # static's dense phase ends at --prune-start-fraction
+                drop = tuple(flag for flag in drop if flag != "--prune-start-fraction")
             point = [(flag, value) for flag, value in given if flag not in drop]
             if tuple(tokens_of(point)) in seen:
                 continue

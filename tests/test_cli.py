@@ -179,6 +179,7 @@ BAD_INPUTS = [
     (["--train-frequency", "0"], "--train-frequency must be > 0"),
     (["--gradient-steps", "0"], "--gradient-steps must be > 0"),
     (["--dense-warmup"], "--dense-warmup needs --pruning-method static, rigl or set"),  # gmp, the default
+    (["--dense-warmup", "--pruning-method", "rigl"], "--dense-warmup needs --prune-start-fraction > 0"),
     (["--eval-epsilon", "2"], "--eval-epsilon must be in [0, 1]"),
     (["--target-network-frequency", "0"], "--target-network-frequency must be > 0"),
     (["--log-frequency", "0"], "--log-frequency must be > 0"),

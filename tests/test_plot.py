@@ -270,6 +270,29 @@ def test_score_table_option(tmp_path, capsys):
         assert rows[table]["score"] == f"hns_{table}"
 
 
+def test_dense_warmup_runs_are_a_configuration_of_their_own(tmp_path):
+    """RigL from 20% (--dense-warmup) and plain RigL, same seed: two configurations, neither skipped."""
+    for warmup in (False, True):
+        fake_run(
+            str(tmp_path),
+            "dqn_pruned.py",
+            "CartPole-v1",
+            "rigl",
+            0.9,
+            1,
+            1,
+            [(995, 10.0 + warmup)],
+            dense_warmup=warmup,
+        )
+    matrices = plot.score_matrices(plot.load_runs(str(tmp_path), 1))
+    methods = {config[2]: scores[0, 0, 0] for (_, config), (scores, _, _) in matrices.items()}
+    assert methods == {"rigl": 10.0, "rigl+warmup": 11.0}
+    assert (
+        plot.label(("dqn_pruned.py", "mlp", "rigl+warmup", 0.9, 1, 0.25))
+        == "dqn_pruned.py mlp rigl+warmup 0.9 k=1 rr=0.25"
+    )
+
+
 def test_plot_refuses_an_empty_directory(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "common.plot", str(tmp_path), "--out", str(tmp_path / "f")],

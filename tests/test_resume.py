@@ -5,6 +5,7 @@ refused."""
 
 import dataclasses
 import glob
+import json
 import os
 import pickle
 import signal
@@ -367,6 +368,13 @@ def test_resume_refuses_other_flags_and_names_them(tmp_path, monkeypatch):
     assert defaults == small_args(total_timesteps=600)  # the CLI's defaults are the run's flags
     result = run_script("dqn_pruned.py", "--resume", run_dir, "--width-scale", "2", cwd=str(tmp_path))
     assert result.returncode == 2 and "--width-scale 1 in the run, 2 now" in result.stderr
+    config = dqn.saved_config(run_dir)  # a run written before a flag existed ran at that flag's default
+    del config["gradient_steps"]
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(dqn.ArgsError, match=r"--gradient-steps 1 in the run, 2 now$"):
+        dqn.check_args(small_args(total_timesteps=600, resume=run_dir, gradient_steps=2))
+    dqn.check_args(small_args(total_timesteps=600, resume=run_dir))
     import rainbow_pruned as rainbow  # another script's run is refused even where every flag would fit
 
     with pytest.raises(rainbow.ArgsError, match="a run of dqn_pruned.py, not of rainbow_pruned.py"):

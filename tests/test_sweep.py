@@ -81,6 +81,16 @@ def test_dry_run_leaves_out_flags_a_method_does_not_use(tmp_path):
     assert (methods.count("gmp"), methods.count("rigl"), methods.count("static")) == (1, 4, 2)
     assert all("--drop-fraction" not in p for p in points if p["--pruning-method"] != "rigl")
 
+    # with --dense-warmup, static keeps --prune-start-fraction: its dense phase ends there
+    grid = "--pruning-method static rigl --prune-start-fraction 0.2 --dense-warmup"
+    result = run_sweep("dqn_pruned.py", *grid.split(), "--sweep-dir", str(tmp_path), "--executor", "local", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    points = [flag_values(line) for line in result.stdout.splitlines()]
+    assert [(p["--pruning-method"], p["--prune-start-fraction"]) for p in points] == [
+        ("static", "0.2"),
+        ("rigl", "0.2"),
+    ]
+
 
 @pytest.mark.parametrize(
     "grid, message",
