@@ -275,23 +275,25 @@ class AtariEnv:
     def reset(self, seed: int | None = None):
         if seed is None and len(self.history) < self.RESEED_STEPS:
             self.history.append(self.RESET)
-            obs = self.vec.reset()[0]
+            obs, info = self.vec.reset()
         else:
             self.seed = int(np.random.default_rng(self.seed).integers(2**31) if seed is None else seed % 2**31)
             self.history = bytearray()
-            obs = self.vec.reset(seed=self.seed)[0]
-        self.steps, self.done = 0, False
+            obs, info = self.vec.reset(seed=self.seed)
+        self.steps, self.done, self.lives = 0, False, int(info["lives"][0])
         return obs[0, 0], {}  # (1, 1, 84, 84): one env, one frame
 
     def step(self, action: int):
         if self.done:  # the vector env would autoreset (NEXT_STEP): a reset's frame must never pass for a transition
             raise RuntimeError("AtariEnv.step after the episode ended: call reset() first")
         self.history.append(action)
-        obs, reward, terminated, _, _ = self.vec.step(np.array([action]))
+        obs, reward, terminated, _, info = self.vec.step(np.array([action]))
         self.steps += 1
         terminated, truncated = bool(terminated[0]), not terminated[0] and self.steps >= self.max_steps
         self.done = terminated or truncated
-        return obs[0, 0], float(reward[0]), terminated, truncated, {}
+        lives = int(info["lives"][0])
+        life_lost, self.lives = lives < self.lives, lives
+        return obs[0, 0], float(reward[0]), terminated, truncated, {"life_lost": life_lost}
 
     def __getstate__(self) -> dict:
         return {name: getattr(self, name) for name in ("game", "sticky", "max_steps", "seed", "history")}
@@ -304,14 +306,15 @@ class AtariEnv:
                 self.reset() if action == self.RESET else self.step(action)
 
 
-def make_env(env_id: str):
-    """Returns (env, is_atari). ALE/{Game}-v5 ids get AtariEnv; other discrete-action gymnasium ids, gym.make."""
+def make_env(env_id: str, sticky_actions: bool = True):
+    """Returns (env, is_atari). ALE/{Game}-v5 ids get AtariEnv (sticky actions 0.25, or none); other discrete-action
+    gymnasium ids, gym.make."""
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as error:  # unknown id: gymnasium's message suggests close matches
         raise ArgsError(f"unknown --env-id {env_id!r}: {error}") from None
     if spec.entry_point == "ale_py.env:AtariEnv":
-        return AtariEnv(spec.kwargs["game"]), True
+        return AtariEnv(spec.kwargs["game"], 0.25 if sticky_actions else 0.0), True
     env = gym.make(env_id)
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise ArgsError(f"--env-id {env_id!r} has action space {env.action_space}; DQN needs a discrete one")

@@ -56,6 +56,12 @@ class Args:
     """seed of the run: one JAX root key and NumPy generators (env seeds, exploration, replay sampling, masks)"""
     env_id: str = "ALE/Breakout-v5"
     """gymnasium id: ALE/{Game}-v5 runs Dopamine's Atari protocol; a classic-control id (CartPole-v1) runs as is"""
+    sticky_actions: bool = True
+    """Atari: the emulator repeats the previous action with probability 0.25 (Machado et al. 2018; the paper's Table
+    2); Atari 100k has none (Dopamine's DrQ_eps.gin and DER.gin): --no-sticky-actions"""
+    terminal_on_life_loss: bool = False
+    """Atari: a lost life ends the stored episode (terminal; the frame stack starts again) while the game goes on, and
+    the logged return is the whole game's (Dopamine's Atari 100k protocol)"""
     total_timesteps: int = 10_000_000
     """env steps (agent steps) of the run; 10M = 40M frames, the paper's 40 iterations of 250k steps"""
     gradient_steps: int = 1
@@ -268,23 +274,25 @@ class AtariEnv:
     def reset(self, seed: int | None = None):
         if seed is None and len(self.history) < self.RESEED_STEPS:
             self.history.append(self.RESET)
-            obs = self.vec.reset()[0]
+            obs, info = self.vec.reset()
         else:
             self.seed = int(np.random.default_rng(self.seed).integers(2**31) if seed is None else seed % 2**31)
             self.history = bytearray()
-            obs = self.vec.reset(seed=self.seed)[0]
-        self.steps, self.done = 0, False
+            obs, info = self.vec.reset(seed=self.seed)
+        self.steps, self.done, self.lives = 0, False, int(info["lives"][0])
         return obs[0, 0], {}  # (1, 1, 84, 84): one env, one frame
 
     def step(self, action: int):
         if self.done:  # the vector env would autoreset (NEXT_STEP): a reset's frame must never pass for a transition
             raise RuntimeError("AtariEnv.step after the episode ended: call reset() first")
         self.history.append(action)
-        obs, reward, terminated, _, _ = self.vec.step(np.array([action]))
+        obs, reward, terminated, _, info = self.vec.step(np.array([action]))
         self.steps += 1
         terminated, truncated = bool(terminated[0]), not terminated[0] and self.steps >= self.max_steps
         self.done = terminated or truncated
-        return obs[0, 0], float(reward[0]), terminated, truncated, {}
+        lives = int(info["lives"][0])
+        life_lost, self.lives = lives < self.lives, lives
+        return obs[0, 0], float(reward[0]), terminated, truncated, {"life_lost": life_lost}
 
     def __getstate__(self) -> dict:
         return {name: getattr(self, name) for name in ("game", "sticky", "max_steps", "seed", "history")}
@@ -297,14 +305,15 @@ class AtariEnv:
                 self.reset() if action == self.RESET else self.step(action)
 
 
-def make_env(env_id: str):
-    """Returns (env, is_atari). ALE/{Game}-v5 ids get AtariEnv; other discrete-action gymnasium ids, gym.make."""
+def make_env(env_id: str, sticky_actions: bool = True):
+    """Returns (env, is_atari). ALE/{Game}-v5 ids get AtariEnv (sticky actions 0.25, or none); other discrete-action
+    gymnasium ids, gym.make."""
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as error:  # unknown id: gymnasium's message suggests close matches
         raise ArgsError(f"unknown --env-id {env_id!r}: {error}") from None
     if spec.entry_point == "ale_py.env:AtariEnv":
-        return AtariEnv(spec.kwargs["game"]), True
+        return AtariEnv(spec.kwargs["game"], 0.25 if sticky_actions else 0.0), True
     env = gym.make(env_id)
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise ArgsError(f"--env-id {env_id!r} has action space {env.action_space}; DQN needs a discrete one")
@@ -774,7 +783,9 @@ def evaluate(args: Args, env, greedy_action, params, stack: int, step: int) -> l
                 action = int(rng.integers(env.action_space.n))
             else:  # IQN draws its acting fractions from the step given: here the evaluation's step count
                 action = int(jax.device_get(greedy_action(params, np.stack(frames, axis=-1), t)))
-            frame, reward, terminated, truncated, _ = env.step(action)
+            frame, reward, terminated, truncated, info = env.step(action)
+            if args.terminal_on_life_loss and info.get("life_lost", False):  # a new stack, as in training
+                frames.extend([np.zeros_like(frame)] * (stack - 1))
             frames.append(frame)
             episode_return, done, t = episode_return + float(reward), terminated or truncated, t + 1
         returns.append(episode_return)
@@ -860,8 +871,8 @@ def main(args: Args) -> dict:
     """Trains; returns {"run_dir": ..., "episodic_returns": [...]}."""
     # -------------------------------------------------------------------------------- shared: setup
     check_args(args)
-    env, is_atari = make_env(args.env_id)
-    eval_env = make_env(args.env_id)[0] if args.eval_frequency else None  # the evaluations' own
+    env, is_atari = make_env(args.env_id, args.sticky_actions)
+    eval_env = make_env(args.env_id, args.sticky_actions)[0] if args.eval_frequency else None  # the evaluations' own
     stack = 4 if is_atari else 1  # frames per state
     if args.network != "mlp" and not is_atari:
         raise ArgsError(f"--network {args.network} needs Atari frames; use --network mlp for {args.env_id}")
@@ -949,9 +960,10 @@ def main(args: Args) -> dict:
                 action = int(rng.integers(env.action_space.n))
             else:  # the one device-to-host transfer of an ordinary step
                 action = int(jax.device_get(greedy_action(state.params, np.stack(frames, axis=-1), global_step)))
-            next_frame, reward, terminated, truncated, _ = env.step(action)
+            next_frame, reward, terminated, truncated, info = env.step(action)
+            life_lost = args.terminal_on_life_loss and info.get("life_lost", False)  # the agent's episode ends there
             stored_reward = np.clip(reward, -1.0, 1.0) if is_atari else reward  # Atari: learn from clipped rewards
-            rb.add(obs_frame, action, stored_reward, terminated, truncated, next_frame)
+            rb.add(obs_frame, action, stored_reward, terminated or life_lost, truncated, next_frame)
             episode_return, episode_length = episode_return + float(reward), episode_length + 1
             if terminated or truncated:  # log the whole, unclipped return of the episode
                 writer.add_scalar("charts/episodic_return", episode_return, global_step)
@@ -959,6 +971,8 @@ def main(args: Args) -> dict:
                 returns.append(episode_return)
                 episode_return, episode_length = 0.0, 0
                 next_frame, _ = env.reset()
+                frames.extend([np.zeros_like(next_frame)] * (stack - 1))
+            elif life_lost:  # the game goes on, the agent's next episode starts here (Dopamine's Atari 100k runner)
                 frames.extend([np.zeros_like(next_frame)] * (stack - 1))
             frames.append(next_frame)
             obs_frame = next_frame

@@ -65,6 +65,7 @@ class AtariEnv:
             self.ale.loadROM(self.rom)
         self.ale.reset_game()
         self.steps, self.start_state, self.episode_actions = 0, self.ale.cloneState(include_rng=True), []
+        self.lives = self.ale.lives()
         self.ale.getScreenGrayscale(self.screens[0])
         self.screens[1].fill(0)
         return self._observation(), {}
@@ -98,4 +99,5 @@ class AtariEnv:
         self.steps += 1
         terminated = self.ale.game_over()
         truncated = not terminated and self.steps >= self.max_steps
-        return self._observation(), reward, terminated, truncated, {}
+        life_lost, self.lives = self.ale.lives() < self.lives, self.ale.lives()  # after the whole frame skip
+        return self._observation(), reward, terminated, truncated, {"life_lost": life_lost}

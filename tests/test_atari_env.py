@@ -27,18 +27,20 @@ def test_frames_rewards_and_ends_match_the_reference(game, sticky, max_steps):
     too: both envs seed ALE's generator the same way, so the same seed repeats the same actions."""
     ours, theirs = dqn.AtariEnv(game, sticky, max_steps), reference.AtariEnv(game, sticky=sticky, max_steps=max_steps)
     assert ours.action_space == theirs.action_space and ours.observation_space == theirs.observation_space
-    rng, ends, seed = np.random.default_rng(0), [], 1
+    rng, ends, seed, lost = np.random.default_rng(0), [], 1, 0
     assert_close_frames(ours.reset(seed=seed)[0], theirs.reset(seed=seed)[0])
     for t in range(400):
         action = int(rng.integers(ours.action_space.n))
         (frame, *rest), (expected, *expected_rest) = ours.step(action), theirs.step(action)
         assert_close_frames(frame, expected)
-        assert rest == expected_rest  # reward, terminated, truncated, info
+        assert rest == expected_rest  # reward, terminated, truncated, info (a life lost in the step)
+        lost += rest[3]["life_lost"]
         if rest[1] or rest[2]:
             ends.append((t, rest[1]))
             seed += 1
             assert_close_frames(ours.reset(seed=seed)[0], theirs.reset(seed=seed)[0])
     assert ends and all(terminated == (game == "breakout") for _, terminated in ends)  # an episode boundary was crossed
+    assert lost >= (4 if game == "breakout" else 0)  # Breakout's lives, each loss reported as the reference does
 
 
 def rollout(env: "dqn.AtariEnv", seed: int | None, steps: int = 300):
