@@ -385,7 +385,8 @@ TORSOS = {"resnet": ImpalaTorso, "cnn": NatureTorso, "nature": partial(NatureTor
 
 # -------------------------------------------------------------------------------- shared: q network
 class QNetwork(nn.Module):
-    """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A, xavier_uniform (Dopamine's Impala head).
+    """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A, xavier_uniform (Dopamine's Impala head); with
+    dueling, two heads on the 512 features, Q = V + A - mean_a A (Wang et al. 2016; Dopamine's FullRainbowNetwork).
     (B, ...) -> (B, A)."""
 
     num_actions: int
@@ -394,6 +395,7 @@ class QNetwork(nn.Module):
     scale_dense: bool
     use_bias: bool
     use_output_bias: bool
+    dueling: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -401,7 +403,11 @@ class QNetwork(nn.Module):
         x = TORSOS[self.torso](self.width, self.use_bias, name="torso")(x)
         hidden = 512 * (self.width if self.scale_dense else 1)
         x = nn.relu(nn.Dense(hidden, kernel_init=init, use_bias=self.use_bias, name="dense")(x))
-        return nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="q")(x)
+        if not self.dueling:
+            return nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="q")(x)
+        value = nn.Dense(1, kernel_init=init, use_bias=self.use_output_bias, name="value")(x)  # (B, 1)
+        advantage = nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="advantage")(x)
+        return value + advantage - advantage.mean(axis=-1, keepdims=True)
 
 
 # -------------------------------------------------------------------------------- CQL: network

@@ -124,6 +124,11 @@ class Args:
     """biases in the hidden layers (Ganaie et al. remove them: --no-use-bias)"""
     use_output_bias: bool = True
     """bias in the output layer (separate from --use-bias, as in Ganaie et al.'s ablation)"""
+    dueling: bool = False
+    """dueling head, Q = V + A - mean_a A (Wang et al. 2016; Dopamine's FullRainbowNetwork, DrQ_eps.gin)"""
+    double_q: bool = False
+    """double-Q target: the online network picks a* = argmax_a Q(s', a), the target network values it (van Hasselt
+    et al. 2016; Dopamine's DrQ_eps.gin)"""
 
     # -------------------------------------------------------------------------------- shared: sparse and run args
     pruning_method: Literal["gmp", "rigl", "set", "static", "none"] = "gmp"
@@ -374,7 +379,8 @@ TORSOS = {"resnet": ImpalaTorso, "cnn": NatureTorso, "nature": partial(NatureTor
 
 # -------------------------------------------------------------------------------- shared: q network
 class QNetwork(nn.Module):
-    """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A, xavier_uniform (Dopamine's Impala head).
+    """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A, xavier_uniform (Dopamine's Impala head); with
+    dueling, two heads on the 512 features, Q = V + A - mean_a A (Wang et al. 2016; Dopamine's FullRainbowNetwork).
     (B, ...) -> (B, A)."""
 
     num_actions: int
@@ -383,6 +389,7 @@ class QNetwork(nn.Module):
     scale_dense: bool
     use_bias: bool
     use_output_bias: bool
+    dueling: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -390,7 +397,11 @@ class QNetwork(nn.Module):
         x = TORSOS[self.torso](self.width, self.use_bias, name="torso")(x)
         hidden = 512 * (self.width if self.scale_dense else 1)
         x = nn.relu(nn.Dense(hidden, kernel_init=init, use_bias=self.use_bias, name="dense")(x))
-        return nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="q")(x)
+        if not self.dueling:
+            return nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="q")(x)
+        value = nn.Dense(1, kernel_init=init, use_bias=self.use_output_bias, name="value")(x)  # (B, 1)
+        advantage = nn.Dense(self.num_actions, kernel_init=init, use_bias=self.use_output_bias, name="advantage")(x)
+        return value + advantage - advantage.mean(axis=-1, keepdims=True)
 
 
 # =============================================================================================== replay buffer
@@ -777,9 +788,13 @@ def evaluate(args: Args, env, greedy_action, params, stack: int, step: int) -> l
 
 
 # ============================================================================================== algorithm: DQN
-def dqn_targets(rewards: jax.Array, discounts: jax.Array, next_q_target: jax.Array) -> jax.Array:
-    """y = R + gamma^k (1 - d) max_a' Q_target(s', a'), no double-Q. (B,), (B,), (B, A) -> (B,)"""
-    return rewards + discounts * next_q_target.max(axis=-1)
+def dqn_targets(rewards: jax.Array, discounts: jax.Array, next_q_target: jax.Array, next_q_online=None) -> jax.Array:
+    """y = R + gamma^k (1 - d) max_a' Q_target(s', a') (DQN); with next_q_online (double-Q), y = R + gamma^k (1 - d)
+    Q_target(s', a*), a* = argmax_a' Q_online(s', a'). (B,), (B,), (B, A)[, (B, A)] -> (B,)"""
+    if next_q_online is None:
+        return rewards + discounts * next_q_target.max(axis=-1)
+    best = next_q_online.argmax(axis=-1)  # (B,)
+    return rewards + discounts * jnp.take_along_axis(next_q_target, best[:, None], axis=-1)[:, 0]
 
 
 def mse_loss(q_taken: jax.Array, targets: jax.Array) -> jax.Array:
@@ -792,13 +807,15 @@ def make_q_fn(network: nn.Module):
     return lambda params, obs, key: network.apply({"params": params}, obs)
 
 
-def make_loss(network: nn.Module):
+def make_loss(network: nn.Module, double_q: bool = False):
     """loss_fn(params, target_params, batch, key) -> (MSE loss, aux): aux holds the batch's Q(s, a) and TD targets y,
-    both (B,). The key is unused. The update differentiates it; the analysis also takes per-sample gradients of it."""
+    both (B,) (double_q: the online network picks the target's action). The key is unused. The update differentiates
+    it; the analysis also takes per-sample gradients of it."""
 
     def loss_fn(params, target_params, batch: Batch, key):
         next_q = network.apply({"params": target_params}, batch.next_obs)  # (B, A)
-        targets = dqn_targets(batch.rewards, batch.discounts, next_q)  # (B,)
+        next_online = network.apply({"params": params}, batch.next_obs) if double_q else None  # (B, A)
+        targets = dqn_targets(batch.rewards, batch.discounts, next_q, next_online)  # (B,)
         q = network.apply({"params": params}, batch.obs)  # (B, A)
         q_taken = jnp.take_along_axis(q, batch.actions[:, None], axis=-1)[:, 0]  # (B,)
         return mse_loss(q_taken, targets), {"q_taken": q_taken, "targets": targets}
@@ -845,13 +862,12 @@ def main(args: Args) -> dict:
     metrics_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 2)
 
     # -------- the network, its masks and optimizer, the update, acting and replay
-    network = QNetwork(
-        env.action_space.n, args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias
-    )
+    layers = (args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias, args.dueling)
+    network = QNetwork(env.action_space.n, *layers)
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
     state, targets = init_train_state(args, params, tx, mask_rng, train_key, prune_window(args)[0])
-    loss_fn = make_loss(network)
+    loss_fn = make_loss(network, args.double_q)
     update = make_update(loss_fn, tx, args.pruning_method)
     q_fn = make_q_fn(network)
     greedy_action = jax.jit(lambda params, obs, step: q_fn(params, obs[None], None).argmax(-1)[0])
