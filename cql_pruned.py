@@ -857,8 +857,8 @@ def init_train_state(
         drawn = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
         masks, dense_until = (masks, (jnp.int32(t_start), drawn)) if args.dense_warmup else (drawn, None)
     params = apply_masks(params, masks)
-    state = TrainState(params, params, masks, tx.init(params), jnp.zeros((), jnp.int32), key, jnp.ones((), bool))
-    return state.replace(dense_until=dense_until), targets
+    step, finite = jnp.zeros((), jnp.int32), jnp.ones((), bool)
+    return TrainState(params, params, masks, tx.init(params), step, key, finite, dense_until), targets
 
 
 def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
@@ -887,6 +887,14 @@ def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransf
     new = state.replace(params=params, masks=masks, opt_state=opt_state, grad_step=state.grad_step + 1, key=key)
     ok = before.finite & jnp.isfinite(loss)
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, before.replace(finite=ok))
+
+
+def scheduled_fraction(args: Args, steps_done: int, window: tuple) -> float:
+    """The fraction of the final sparsity the masks hold after `steps_done` gradient steps: GMP's schedule; for the
+    other methods all of it, but none before t_start with --dense-warmup."""
+    if args.pruning_method == "gmp":
+        return gmp_schedule(steps_done - 1, *window[:2])
+    return float(not args.dense_warmup or steps_done > window[0])
 
 
 def active_masks(state: TrainState):
@@ -1130,11 +1138,8 @@ def main(args: Args) -> dict:
             if grad_step % args.log_frequency == 0:
                 now = time.time()
                 sps, window_time = args.log_frequency / max(now - window_time, 1e-9), now
-                if args.pruning_method == "gmp":
-                    schedule = gmp_schedule(grad_step - 1, *window[:2])
-                else:  # --dense-warmup: dense until gradient step t_start
-                    schedule = float(not args.dense_warmup or grad_step > window[0])
-                scalars = {"charts/SPS": sps, "pruning/target_sparsity": final_sparsity * schedule, **update_metrics}
+                target = final_sparsity * scheduled_fraction(args, grad_step, window)
+                scalars = {"charts/SPS": sps, "pruning/target_sparsity": target, **update_metrics}
                 scalars = jax.device_get(dict(scalars, **summarize(state.params)))
                 for tag, value in scalars.items():
                     writer.add_scalar(tag, float(value), grad_step)

@@ -673,8 +673,8 @@ def init_train_state(
         drawn = random_masks(mask_rng, params, targets, args.mask_sampling == "bernoulli")
         masks, dense_until = (masks, (jnp.int32(t_start), drawn)) if args.dense_warmup else (drawn, None)
     params = apply_masks(params, masks)
-    state = TrainState(params, params, masks, tx.init(params), jnp.zeros((), jnp.int32), key, jnp.ones((), bool))
-    return state.replace(dense_until=dense_until), targets
+    step, finite = jnp.zeros((), jnp.int32), jnp.ones((), bool)
+    return TrainState(params, params, masks, tx.init(params), step, key, finite, dense_until), targets
 
 
 def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransformation, method: str) -> TrainState:
@@ -703,6 +703,14 @@ def sparse_step(state: TrainState, loss, grads, counts, tx: optax.GradientTransf
     new = state.replace(params=params, masks=masks, opt_state=opt_state, grad_step=state.grad_step + 1, key=key)
     ok = before.finite & jnp.isfinite(loss)
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, before.replace(finite=ok))
+
+
+def scheduled_fraction(args: Args, steps_done: int, window: tuple) -> float:
+    """The fraction of the final sparsity the masks hold after `steps_done` gradient steps: GMP's schedule; for the
+    other methods all of it, but none before t_start with --dense-warmup."""
+    if args.pruning_method == "gmp":
+        return gmp_schedule(steps_done - 1, *window[:2])
+    return float(not args.dense_warmup or steps_done > window[0])
 
 
 def active_masks(state: TrainState):
@@ -936,9 +944,8 @@ def main(args: Args) -> dict:
                 returns.append(episode_return)
                 episode_return, episode_length = 0.0, 0
                 next_frame, _ = env.reset()
-                frames.extend([np.zeros_like(next_frame)] * (stack - 1))
-            elif life_lost:  # the game goes on, the agent's next episode starts here (Dopamine's Atari 100k runner)
-                frames.extend([np.zeros_like(next_frame)] * (stack - 1))
+            if terminated or truncated or life_lost:  # the agent's next episode, its stack zero-filled (at a life loss
+                frames.extend([np.zeros_like(next_frame)] * (stack - 1))  # the game goes on, as in Dopamine's 100k)
             frames.append(next_frame)
             obs_frame = next_frame
 
@@ -959,10 +966,7 @@ def main(args: Args) -> dict:
                 now = time.time()
                 sps = (done - window_step) / max(now - window_time, 1e-9)
                 window_step, window_time = done, now
-                if args.pruning_method == "gmp":
-                    scheduled = final_sparsity * gmp_schedule(grad_step - 1, *window[:2])
-                else:  # --dense-warmup: dense until gradient step t_start
-                    scheduled = final_sparsity * float(not args.dense_warmup or grad_step > window[0])
+                scheduled = final_sparsity * scheduled_fraction(args, grad_step, window)
                 scalars = {"charts/SPS": sps, "charts/epsilon": epsilon, "charts/grad_steps": grad_step}
                 scalars.update({"pruning/target_sparsity": scheduled, **(update_metrics or {})})
                 scalars, finite = jax.device_get((dict(scalars, **summarize(state.params)), state.finite))
