@@ -34,7 +34,7 @@ import sys
 import time
 from collections import deque
 from functools import partial
-from typing import Any, Literal, NamedTuple, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 import ale_py
 import flax.linen as nn
@@ -53,6 +53,51 @@ gym.register_envs(ale_py)  # makes the ALE/...-v5 ids known to gymnasium
 
 
 # ============================================================================================================ Args
+# --preset NAME: named defaults, each flag given on the command line still wins; the run's config.json records them
+PRESETS = {
+    "paper": {},  # the pruning paper's DQN: the defaults below (its Table 2; Dopamine's dqn.gin)
+    "drq-eps": {  # DrQ(eps) on Atari 100k (Kostrikov et al. 2020; Agarwal et al. 2021's epsilons), as in Dopamine's
+        # labs/atari_100k/configs/DrQ_eps.gin and atari_100k_rainbow_agent.py
+        "total_timesteps": 100_000,
+        "sticky_actions": False,
+        "terminal_on_life_loss": True,
+        "eval_frequency": 100_000,  # one evaluation, after the last step: 100 episodes at epsilon 0.001
+        "eval_episodes": 100,
+        "eval_epsilon": 0.001,
+        "learning_rate": 1e-4,
+        "adam_eps": 1.5e-4,
+        "buffer_size": 100_000,  # the whole run (Dopamine: 1M "as a proxy for unbounded memory")
+        "gamma": 0.99,
+        "n_step": 10,
+        "target_network_frequency": 1,
+        "batch_size": 32,
+        "end_e": 0.01,
+        "exploration_steps": 5_000,
+        "learning_starts": 1_600,
+        "train_frequency": 1,
+        "network": "cnn",
+        "dueling": True,
+        "double_q": True,
+        "loss": "huber",
+        "augmentation": True,
+    },
+}
+
+
+def preset_help() -> str:
+    """--preset's help: every preset and the flags it sets."""
+
+    def as_flag(name: str, value) -> str:
+        name = name.replace("_", "-")
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+    sets = [
+        f"{name}: {', '.join(as_flag(*kv) for kv in values.items()) or 'the defaults'}"
+        for name, values in PRESETS.items()
+    ]
+    return "named defaults that any flag given still overrides. " + "; ".join(sets)
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
     # -------------------------------------------------------------------------------- shared: experiment args
@@ -88,6 +133,7 @@ class Args:
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
     # -------- algorithm arguments (DQN: Mnih et al. 2015; the paper's Table 2 and Dopamine's dqn.gin)
+    preset: Annotated[Literal["paper", "drq-eps"], tyro.conf.arg(help=preset_help())] = "paper"
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine dqn.gin)"""
     adam_eps: float = 1.5e-4
@@ -129,6 +175,11 @@ class Args:
     double_q: bool = False
     """double-Q target: the online network picks a* = argmax_a Q(s', a), the target network values it (van Hasselt
     et al. 2016; Dopamine's DrQ_eps.gin)"""
+    loss: Literal["mse", "huber"] = "mse"
+    """TD loss: mse, (y - q)^2 (Dopamine's JAX DQN, the paper's); huber, delta 1 (Dopamine's Atari 100k agents)"""
+    augmentation: bool = False
+    """DrQ's augmentation of both states of every sampled transition: pad 4 by edge replication, a random 84x84
+    crop, intensity x (1 + 0.05 clip(N(0,1), -2, 2)) (Kostrikov et al. 2020; Dopamine's atari_100k_rainbow_agent.py)"""
 
     # -------------------------------------------------------------------------------- shared: sparse and run args
     pruning_method: Literal["gmp", "rigl", "set", "static", "none"] = "gmp"
@@ -175,8 +226,8 @@ class Args:
 
 # -------------------------------------------------------------------------------- algorithm checks
 def algorithm_checks(args: Args) -> list:
-    """(ok, message) pairs for the DQN-only fields: none."""
-    return []
+    """(ok, message) pairs for the DQN-only fields."""
+    return [(not args.augmentation or args.network != "mlp", "--augmentation crops images: it needs an image torso")]
 
 
 # -------------------------------------------------------------------------------- shared: arg checks
@@ -810,15 +861,37 @@ def mse_loss(q_taken: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean((jax.lax.stop_gradient(targets) - q_taken) ** 2)
 
 
+def huber_loss(q_taken: jax.Array, targets: jax.Array) -> jax.Array:
+    """mean over the batch of the Huber loss of y - q with delta 1: x^2 / 2 if |x| <= 1, else |x| - 1/2 (Dopamine's
+    losses.huber_loss, the Atari 100k agents' loss). (B,), (B,) -> ()."""
+    error = jnp.abs(jax.lax.stop_gradient(targets) - q_taken)
+    return jnp.mean(jnp.where(error <= 1.0, 0.5 * error**2, error - 0.5))
+
+
+def augment(key: jax.Array, obs: jax.Array) -> jax.Array:
+    """DrQ's augmentation as Dopamine's Atari 100k agent applies it (Kostrikov et al. 2020): each image padded by 4
+    pixels replicating its edge, a random 84x84 crop (one per sample, the same for its 4 frames; offsets 0..7 on each
+    axis, as Dopamine's randint(0, 92 - 84) draws them: its upper bound is exclusive), then an intensity jitter
+    x (1 + 0.05 clip(N(0, 1), -2, 2)), one draw per sample, not clipped (Schwarzer et al. 2021). On raw pixels: the
+    network's /255 gives Dopamine's values (it divides first; both are linear). (B, H, W, C) -> float32 (B, H, W, C)."""
+    crop_key, intensity_key = jax.random.split(key)
+    b, h, w, c = obs.shape
+    padded = jnp.pad(obs.astype(jnp.float32), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge")  # (B, H+8, W+8, C)
+    offsets = jax.random.randint(crop_key, (b, 2), 0, 8)
+    crop = jax.vmap(lambda image, at: jax.lax.dynamic_slice(image, (at[0], at[1], 0), (h, w, c)))
+    scale = 1.0 + 0.05 * jnp.clip(jax.random.normal(intensity_key, (b, 1, 1, 1)), -2.0, 2.0)
+    return crop(padded, offsets) * scale
+
+
 def make_q_fn(network: nn.Module):
     """q_fn(params, obs (B, ...), key) -> Q(s, .) (B, A), for acting and the analysis (the key is unused)."""
     return lambda params, obs, key: network.apply({"params": params}, obs)
 
 
-def make_loss(network: nn.Module, double_q: bool = False):
-    """loss_fn(params, target_params, batch, key) -> (MSE loss, aux): aux holds the batch's Q(s, a) and TD targets y,
-    both (B,) (double_q: the online network picks the target's action). The key is unused. The update differentiates
-    it; the analysis also takes per-sample gradients of it."""
+def make_loss(network: nn.Module, double_q: bool = False, huber: bool = False):
+    """loss_fn(params, target_params, batch, key) -> (MSE or Huber loss, aux): aux holds the batch's Q(s, a) and TD
+    targets y, both (B,) (double_q: the online network picks the target's action). The key is unused. The update
+    differentiates it; the analysis also takes per-sample gradients of it."""
 
     def loss_fn(params, target_params, batch: Batch, key):
         next_q = network.apply({"params": target_params}, batch.next_obs)  # (B, A)
@@ -826,18 +899,22 @@ def make_loss(network: nn.Module, double_q: bool = False):
         targets = dqn_targets(batch.rewards, batch.discounts, next_q, next_online)  # (B,)
         q = network.apply({"params": params}, batch.obs)  # (B, A)
         q_taken = jnp.take_along_axis(q, batch.actions[:, None], axis=-1)[:, 0]  # (B,)
-        return mse_loss(q_taken, targets), {"q_taken": q_taken, "targets": targets}
+        return (huber_loss if huber else mse_loss)(q_taken, targets), {"q_taken": q_taken, "targets": targets}
 
     return loss_fn
 
 
-def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
+def make_update(loss_fn, tx: optax.GradientTransformation, method: str, augmentation: bool = False):
     """The jitted update (state, batches, counts) -> (state, metrics of the last step): a gradient step on each batch
     of the tuple `batches` in turn, all in one call (jit unrolls the loop: the same numbers as a call per batch).
     counts holds an entry per batch, None except at mask-update steps (then a pytree of ints from mask_update_counts);
-    each pattern of entries compiles once."""
+    each pattern of entries compiles once. With augmentation, the states and next states of each batch are augmented
+    with independent keys (as Dopamine does) drawn from the state's key, which moves on at every step."""
 
     def step(state: TrainState, batch: Batch, counts):
+        if augmentation:
+            obs_key, next_key = jax.random.split(jax.random.fold_in(state.key, 1))
+            batch = batch._replace(obs=augment(obs_key, batch.obs), next_obs=augment(next_key, batch.next_obs))
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.target_params, batch, None)
         state = sparse_step(state, loss, grads, counts, tx, method)  # masks, Adam, theta <- (theta + u) * m
         return state, {"losses/td_loss": loss, "losses/q_values": aux["q_taken"].mean()}
@@ -875,8 +952,8 @@ def main(args: Args) -> dict:
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
     state, targets = init_train_state(args, params, tx, mask_rng, train_key, prune_window(args)[0])
-    loss_fn = make_loss(network, args.double_q)
-    update = make_update(loss_fn, tx, args.pruning_method)
+    loss_fn = make_loss(network, args.double_q, args.loss == "huber")
+    update = make_update(loss_fn, tx, args.pruning_method, args.augmentation)
     q_fn = make_q_fn(network)
     greedy_action = jax.jit(lambda params, obs, step: q_fn(params, obs[None], None).argmax(-1)[0])
     rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
@@ -1157,10 +1234,29 @@ def load_checkpoint(run_dir: str) -> dict:
     return saved
 
 
-# -------------------------------------------------------------------------------- shared: command line
+# -------------------------------------------------------------------------------- shared: command line with presets
+def preset_args(name: str, **flags) -> Args:
+    """Args with a preset's values, then `flags` over them: what --preset NAME --flag ... gives on the command line."""
+    if name not in PRESETS:
+        raise ArgsError(f"--preset {name!r}: the presets are {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[name], "preset": name, **flags})
+
+
+def preset_defaults(argv: list) -> Args:
+    """Args holding the defaults of the command line's --preset NAME (its last one; none: paper)."""
+    name = "paper"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+    return preset_args(name)
+
+
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, default=resume_defaults(sys.argv[1:])))
+    try:  # a resumed run's saved flags are its defaults (its preset included); else the preset's
+        argv = sys.argv[1:]
+        main(tyro.cli(Args, default=resume_defaults(argv) or preset_defaults(argv)))
     except (ArgsError, NonFiniteError) as error:  # a bad flag (nothing was written): 2; a non-finite loss: 1
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ArgsError) else 1)
