@@ -84,6 +84,7 @@ PRESETS = {
 }
 
 
+# -------------------------------------------------------------------------------- shared: presets
 def preset_help() -> str:
     """--preset's help: every preset and the flags it sets."""
 
@@ -956,6 +957,7 @@ def main(args: Args) -> dict:
     update = make_update(loss_fn, tx, args.pruning_method, args.augmentation)
     q_fn = make_q_fn(network)
     greedy_action = jax.jit(lambda params, obs, step: q_fn(params, obs[None], None).argmax(-1)[0])
+    eval_action = greedy_action  # evaluations act as training does
     rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
 
     # -------------------------------------------------------------------------------- shared: start or resume
@@ -1073,7 +1075,7 @@ def main(args: Args) -> dict:
                 metrics.write_analysis(writer, results, global_step)
             if args.eval_frequency and (done % args.eval_frequency == 0 or done == args.total_timesteps):
                 began = time.time()
-                eval_returns = evaluate(args, eval_env, greedy_action, state.params, stack, global_step)
+                eval_returns = evaluate(args, eval_env, eval_action, state.params, stack, global_step)
                 writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
                 print(f"step {done} | eval return {np.mean(eval_returns):.1f} over {len(eval_returns)} episodes")
                 window_time += time.time() - began  # the evaluation's time does not count against the SPS

@@ -946,6 +946,7 @@ def main(args: Args) -> dict:
     greedy_action = jax.jit(
         lambda params, obs, step: q_fn(params, obs[None], jax.random.fold_in(act_key, step)).argmax(-1)[0]
     )
+    eval_action = greedy_action  # evaluations act as training does
     rb = ReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
 
     # -------------------------------------------------------------------------------- shared: start or resume
@@ -1063,7 +1064,7 @@ def main(args: Args) -> dict:
                 metrics.write_analysis(writer, results, global_step)
             if args.eval_frequency and (done % args.eval_frequency == 0 or done == args.total_timesteps):
                 began = time.time()
-                eval_returns = evaluate(args, eval_env, greedy_action, state.params, stack, global_step)
+                eval_returns = evaluate(args, eval_env, eval_action, state.params, stack, global_step)
                 writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
                 print(f"step {done} | eval return {np.mean(eval_returns):.1f} over {len(eval_returns)} episodes")
                 window_time += time.time() - began  # the evaluation's time does not count against the SPS

@@ -35,7 +35,7 @@ import sys
 import time
 from collections import deque
 from functools import partial
-from typing import Any, Literal, NamedTuple, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 import ale_py
 import flax.linen as nn
@@ -54,6 +54,54 @@ gym.register_envs(ale_py)  # makes the ALE/...-v5 ids known to gymnasium
 
 
 # ============================================================================================================ Args
+# --preset NAME: named defaults, each flag given on the command line still wins; the run's config.json records them
+PRESETS = {
+    "paper": {},  # the pruning paper's Rainbow: the defaults below (its Table 2; Dopamine's rainbow.gin)
+    "der": {  # data-efficient Rainbow on Atari 100k (van Hasselt et al. 2019), as in Dopamine's
+        # labs/atari_100k/configs/DER.gin and its full_rainbow_agent.py
+        "total_timesteps": 100_000,
+        "sticky_actions": False,
+        "terminal_on_life_loss": True,
+        "eval_frequency": 100_000,  # one evaluation, after the last step: 100 episodes at epsilon 0.001, no noise
+        "eval_episodes": 100,
+        "eval_epsilon": 0.001,
+        "learning_rate": 1e-4,
+        "adam_eps": 1.5e-4,
+        "buffer_size": 100_000,  # the whole run (Dopamine: 1M "as a proxy for unbounded memory")
+        "gamma": 0.99,
+        "n_step": 10,
+        "target_network_frequency": 2_000,
+        "batch_size": 32,
+        "start_e": 0.0,  # noisy nets explore: Dopamine's agent acts at epsilon 0 with them (zero_epsilon), whatever
+        "end_e": 0.0,  # DER.gin's epsilon_train 0.01 says
+        "learning_starts": 1_600,
+        "train_frequency": 1,
+        "network": "cnn",
+        "num_atoms": 51,
+        "v_min": -10.0,
+        "v_max": 10.0,
+        "noisy": True,
+        "dueling": True,
+        "double_q": True,
+    },
+}
+
+
+# -------------------------------------------------------------------------------- shared: presets
+def preset_help() -> str:
+    """--preset's help: every preset and the flags it sets."""
+
+    def as_flag(name: str, value) -> str:
+        name = name.replace("_", "-")
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+    sets = [
+        f"{name}: {', '.join(as_flag(*kv) for kv in values.items()) or 'the defaults'}"
+        for name, values in PRESETS.items()
+    ]
+    return "named defaults that any flag given still overrides. " + "; ".join(sets)
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
     # -------------------------------------------------------------------------------- shared: experiment args
@@ -89,6 +137,7 @@ class Args:
     """checkpoints hold the replay buffer (off: smaller ones, but a resumed run refills it first, so not exactly)"""
 
     # -------- algorithm arguments (compact Rainbow: the paper's Table 2 and Dopamine's rainbow.gin)
+    preset: Annotated[Literal["paper", "der"], tyro.conf.arg(help=preset_help())] = "paper"
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine rainbow.gin)"""
     adam_eps: float = 1.5e-4
@@ -131,6 +180,16 @@ class Args:
     """lowest atom of the support, in (clipped) reward units (paper Table 2)"""
     v_max: float = 10.0
     """highest atom of the support; the support is linspace(v_min, v_max, num_atoms) (paper Table 2)"""
+    noisy: bool = False
+    """noisy nets for the dense layers (Fortunato et al. 2018, factorized Gaussian, sigma_0 = 0.1 as in Dopamine's
+    NoisyNetwork): noise drawn from the state's key at every forward pass, off in evaluations. Dopamine acts at epsilon
+    0 with them: --start-e 0 --end-e 0 (the der preset sets both)"""
+    dueling: bool = False
+    """dueling head on the logits, value + advantage - mean_a advantage per atom (Wang et al. 2016; Dopamine's
+    FullRainbowNetwork, DER.gin)"""
+    double_q: bool = False
+    """double-Q target: the online network picks a* = argmax_a Q(s', a), the target network's distribution of it is
+    projected (van Hasselt et al. 2016; Dopamine's full_rainbow_agent.py, DER.gin)"""
 
     # -------------------------------------------------------------------------------- shared: sparse and run args
     pruning_method: Literal["gmp", "rigl", "set", "static", "none"] = "gmp"
@@ -383,9 +442,47 @@ TORSOS = {"resnet": ImpalaTorso, "cnn": NatureTorso, "nature": partial(NatureTor
 
 
 # -------------------------------------------------------------------------------- Rainbow: network
+class NoisyDense(nn.Module):
+    """A dense layer with factorized Gaussian noise (Fortunato et al. 2018, Eq. 10-11; Dopamine's NoisyNetwork):
+    w = mu_w + sigma_w * f(e_in) f(e_out)^T, b = mu_b + sigma_b * f(e_out), f(x) = sign(x) sqrt(|x|), e ~ N(0, 1)
+    drawn from the "noise" rng at every call (one draw for the whole batch); mu ~ U(+-1/sqrt(fan_in)), sigma =
+    0.1/sqrt(fan_in) (Dopamine's sigma_0; Fortunato et al.'s is 0.5). Without noise (evaluation), w = mu_w.
+    Parameters kernel, kernel_sigma, bias, bias_sigma: both kernels are prunable, each a layer of its own, as every
+    parameter of more than one dimension is: a pruned mu leaves a connection of zero-mean noise, a pruned sigma one
+    without noise, and magnitude pruning decides which of the two a weight loses."""
+
+    features: int
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x, noise: bool):
+        fan_in = x.shape[-1]
+        bound = 1.0 / math.sqrt(fan_in)
+        mu_init = partial(jax.random.uniform, minval=-bound, maxval=bound)
+        sigma_init = nn.initializers.constant(0.1 / math.sqrt(fan_in))
+        kernel = self.param("kernel", mu_init, (fan_in, self.features))
+        kernel_sigma = self.param("kernel_sigma", sigma_init, (fan_in, self.features))
+        if noise:
+            in_key, out_key = jax.random.split(self.make_rng("noise"))
+            f = lambda e: jnp.sign(e) * jnp.sqrt(jnp.abs(e))  # noqa: E731
+            noise_in, noise_out = (
+                f(jax.random.normal(in_key, (fan_in,))),
+                f(jax.random.normal(out_key, (self.features,))),
+            )
+            kernel = kernel + kernel_sigma * jnp.outer(noise_in, noise_out)
+        y = x @ kernel
+        if self.use_bias:
+            bias = self.param("bias", mu_init, (self.features,))
+            bias_sigma = self.param("bias_sigma", sigma_init, (self.features,))
+            y = y + (bias + bias_sigma * noise_out if noise else bias)[None, :]  # (B, features)
+        return y
+
+
 class RainbowNetwork(nn.Module):
-    """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A*atoms, xavier_uniform (Dopamine's Impala heads).
-    (B, ...) -> logits (B, A, atoms); a softmax over the last axis gives each action's return distribution."""
+    """Torso -> Dense 512 (*k with scale_dense) -> ReLU -> Dense A*atoms, xavier_uniform (Dopamine's Impala heads);
+    with dueling, value (atoms) and advantage (A*atoms) heads, logits = value + advantage - mean_a advantage; with
+    noisy, the dense layers are NoisyDense (Dopamine's FullRainbowNetwork). (B, ...) -> logits (B, A, atoms); a softmax
+    over the last axis gives each action's return distribution. noise: the noisy layers draw noise (rng "noise")."""
 
     num_actions: int
     num_atoms: int
@@ -394,16 +491,25 @@ class RainbowNetwork(nn.Module):
     scale_dense: bool
     use_bias: bool
     use_output_bias: bool
+    dueling: bool = False
+    noisy: bool = False
 
     @nn.compact
-    def __call__(self, x):
-        init = nn.initializers.xavier_uniform()
+    def __call__(self, x, noise: bool = True):
+        def dense(features: int, use_bias: bool, name: str):
+            if self.noisy:
+                return lambda x: NoisyDense(features, use_bias, name=name)(x, noise)
+            return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), use_bias=use_bias, name=name)
+
         x = TORSOS[self.torso](self.width, self.use_bias, name="torso")(x)
         hidden = 512 * (self.width if self.scale_dense else 1)
-        x = nn.relu(nn.Dense(hidden, kernel_init=init, use_bias=self.use_bias, name="dense")(x))
-        outputs = self.num_actions * self.num_atoms
-        x = nn.Dense(outputs, kernel_init=init, use_bias=self.use_output_bias, name="logits")(x)
-        return x.reshape(x.shape[0], self.num_actions, self.num_atoms)
+        x = nn.relu(dense(hidden, self.use_bias, "dense")(x))
+        shape = (x.shape[0], self.num_actions, self.num_atoms)
+        if not self.dueling:
+            return dense(self.num_actions * self.num_atoms, self.use_output_bias, "logits")(x).reshape(shape)
+        value = dense(self.num_atoms, self.use_output_bias, "value")(x)[:, None, :]  # (B, 1, atoms)
+        advantage = dense(self.num_actions * self.num_atoms, self.use_output_bias, "advantage")(x).reshape(shape)
+        return value + advantage - advantage.mean(axis=1, keepdims=True)
 
 
 # =============================================================================================== replay buffer
@@ -920,22 +1026,36 @@ def priorities_from_loss(losses: jax.Array) -> jax.Array:
     return jnp.sqrt(losses + 1e-10)
 
 
+def apply_network(network: nn.Module, params, obs: jax.Array, key) -> jax.Array:
+    """The network's logits (B, A, atoms); noisy layers draw their noise from `key`, none with key None."""
+    if key is None:
+        return network.apply({"params": params}, obs, False)
+    return network.apply({"params": params}, obs, True, rngs={"noise": key})
+
+
 def make_q_fn(network: nn.Module, support: jax.Array):
-    """q_fn(params, obs (B, ...), key) -> Q(s, .) = sum_i z_i p_i(s, .) (B, A), for acting and analysis (key unused)."""
-    return lambda params, obs, key: q_values(network.apply({"params": params}, obs), support)
+    """q_fn(params, obs (B, ...), key) -> Q(s, .) = sum_i z_i p_i(s, .) (B, A), for acting and analysis; noisy layers
+    draw their noise from the key, none with key None (evaluation)."""
+    return lambda params, obs, key: q_values(apply_network(network, params, obs, key), support)
 
 
-def make_loss(network: nn.Module, support: jax.Array):
+def make_loss(network: nn.Module, support: jax.Array, double_q: bool = False):
     """loss_fn(params, target_params, batch, key, weights=None) -> (mean of the cross-entropies times the importance
     weights (None: 1), aux): aux holds the cross-entropies (for the priorities), Q(s, a) and the target distribution's
-    mean, all (B,). The key is unused. The update differentiates it; the analysis takes per-sample gradients of it."""
+    mean, all (B,). double_q: the online network picks the target's action. Noisy layers draw their noise from the key
+    (one draw for the states, another for the next states, shared there by the target and the online network, as in
+    Dopamine's full_rainbow_agent.py); without them the key is unused. The update differentiates it; the analysis
+    takes per-sample gradients of it."""
 
     def loss_fn(params, target_params, batch: Batch, key, weights=None):
-        next_logits = network.apply({"params": target_params}, batch.next_obs)  # (B, A, atoms)
-        best = q_values(next_logits, support).argmax(axis=-1)  # (B,) a* from the target network, no double-Q
+        key_now, key_next = (None, None) if key is None else jax.random.split(key)
+        apply = partial(apply_network, network)
+        next_logits = apply(target_params, batch.next_obs, key_next)  # (B, A, atoms)
+        next_choice = apply(params, batch.next_obs, key_next) if double_q else next_logits  # (B, A, atoms)
+        best = q_values(next_choice, support).argmax(axis=-1)  # (B,) a*: online (double-Q) or target network's
         next_probs = jax.nn.softmax(next_logits[jnp.arange(len(best)), best])  # (B, atoms)
         target_probs = categorical_projection(next_probs, batch.rewards, batch.discounts, support)  # (B, atoms)
-        logits = network.apply({"params": params}, batch.obs)  # (B, A, atoms)
+        logits = apply(params, batch.obs, key_now)  # (B, A, atoms)
         logits_taken = logits[jnp.arange(len(batch.actions)), batch.actions]  # (B, atoms)
         losses = cross_entropy(logits_taken, target_probs)  # (B,)
         weighted = losses if weights is None else weights * losses
@@ -955,7 +1075,8 @@ def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
     def step(state: TrainState, batch: Batch, probs, counts):
         weights = importance_weights(probs)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, aux), grads = grad_fn(state.params, state.target_params, batch, None, weights)
+        noise_key = jax.random.fold_in(state.key, 1)  # noisy nets' noise (the state's key moves on at every step)
+        (loss, aux), grads = grad_fn(state.params, state.target_params, batch, noise_key, weights)
         state = sparse_step(state, loss, grads, counts, tx, method)  # masks, Adam, theta <- (theta + u) * m
         priorities = jnp.where(state.finite, priorities_from_loss(aux["losses"]), jnp.nan)
         return state, {"losses/td_loss": loss, "losses/q_values": aux["q_taken"].mean()}, priorities
@@ -990,23 +1111,20 @@ def main(args: Args) -> dict:
     metrics_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 2)
 
     # -------- the network, its masks and optimizer, the update, acting and replay
-    network = RainbowNetwork(
-        env.action_space.n,
-        args.num_atoms,
-        args.network,
-        args.width_scale,
-        args.scale_dense,
-        args.use_bias,
-        args.use_output_bias,
-    )
+    layers = (args.network, args.width_scale, args.scale_dense, args.use_bias, args.use_output_bias)
+    network = RainbowNetwork(env.action_space.n, args.num_atoms, *layers, args.dueling, args.noisy)
     support = jnp.linspace(args.v_min, args.v_max, args.num_atoms)
     params = jax.jit(network.init)(init_key, np.zeros((1, *frame_shape, stack), frame_dtype))["params"]
     tx = optax.adam(args.learning_rate, eps=args.adam_eps)
     state, targets = init_train_state(args, params, tx, mask_rng, train_key, prune_window(args)[0])
-    loss_fn = make_loss(network, support)
+    loss_fn = make_loss(network, support, args.double_q)
     update = make_update(loss_fn, tx, args.pruning_method)
     q_fn = make_q_fn(network, support)
-    greedy_action = jax.jit(lambda params, obs, step: q_fn(params, obs[None], None).argmax(-1)[0])
+    act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)[2]  # noisy nets' acting noise: fold_in(act_key, t)
+    greedy_action = jax.jit(
+        lambda params, obs, t: q_fn(params, obs[None], jax.random.fold_in(act_key, t)).argmax(-1)[0]
+    )
+    eval_action = jax.jit(lambda params, obs, t: q_fn(params, obs[None], None).argmax(-1)[0])  # evaluation: no noise
     rb = PrioritizedReplayBuffer(args.buffer_size, frame_shape, frame_dtype, stack, args.n_step, args.gamma)
 
     # -------------------------------------------------------------------------------- shared: start or resume
@@ -1128,7 +1246,7 @@ def main(args: Args) -> dict:
                 metrics.write_analysis(writer, results, global_step)
             if args.eval_frequency and (done % args.eval_frequency == 0 or done == args.total_timesteps):
                 began = time.time()
-                eval_returns = evaluate(args, eval_env, greedy_action, state.params, stack, global_step)
+                eval_returns = evaluate(args, eval_env, eval_action, state.params, stack, global_step)
                 writer.add_scalar("eval/episodic_return", np.mean(eval_returns), global_step)
                 print(f"step {done} | eval return {np.mean(eval_returns):.1f} over {len(eval_returns)} episodes")
                 window_time += time.time() - began  # the evaluation's time does not count against the SPS
@@ -1289,10 +1407,29 @@ def load_checkpoint(run_dir: str) -> dict:
     return saved
 
 
-# -------------------------------------------------------------------------------- shared: command line
+# -------------------------------------------------------------------------------- shared: command line with presets
+def preset_args(name: str, **flags) -> Args:
+    """Args with a preset's values, then `flags` over them: what --preset NAME --flag ... gives on the command line."""
+    if name not in PRESETS:
+        raise ArgsError(f"--preset {name!r}: the presets are {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[name], "preset": name, **flags})
+
+
+def preset_defaults(argv: list) -> Args:
+    """Args holding the defaults of the command line's --preset NAME (its last one; none: paper)."""
+    name = "paper"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+    return preset_args(name)
+
+
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args, default=resume_defaults(sys.argv[1:])))
+    try:  # a resumed run's saved flags are its defaults (its preset included); else the preset's
+        argv = sys.argv[1:]
+        main(tyro.cli(Args, default=resume_defaults(argv) or preset_defaults(argv)))
     except (ArgsError, NonFiniteError) as error:  # a bad flag (nothing was written): 2; a non-finite loss: 1
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ArgsError) else 1)

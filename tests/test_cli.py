@@ -262,6 +262,10 @@ def test_readme_flag_table_matches_args(script):
         if field.name == "exp_name":  # its default is the script's name
             continue
         default = "unset" if field.default is None else field.default
+        if field.name == "preset":  # its help lists what each preset sets (--help; test_atari_100k checks it)
+            row = next(r for r in readme_flag_rows(script).splitlines() if r.startswith("| `--preset` | `paper` |"))
+            assert all(f"`{name}`" in row for name in module.PRESETS), row
+            continue
         row = f"| `--{field.name.replace('_', '-')}` | `{default}` | {own[field.name]} |"
         same_as_dqn = (
             field.name in dqn_fields
