@@ -21,6 +21,8 @@ Deviations from the paper and its code (the README lists them with their sources
     5. Gradient steps (--gradient-steps of them) happen at env steps t >= learning_starts with t % train_frequency ==
        0 (Dopamine also waits for 20k transitions in the buffer and tries a step at every episode start).
     6. A non-finite loss is refused on the device (the step is not taken) and stops the run at the next log.
+    7. --preset drq-eps follows Dopamine's DrQ_eps.gin and atari_100k_rainbow_agent.py, but ale-py reports a lost
+       life after the step's 4 frames (Dopamine's preprocessing stops the frame skip there).
 
 Example: python dqn_pruned.py --env-id ALE/Pong-v5 --width-scale 3   # the paper's setting (a GPU job); README: more
 """

@@ -6,7 +6,7 @@ Closer Look at Sparse Training in Deep RL" (RigL vs pruning, no biases); Ma et a
 
 Dopamine's "compact" Rainbow, as in the paper (Sec. 4.1; Dopamine's rainbow_agent.py and rainbow.gin): a C51 head
 (51 atoms z on [-10, 10], Q = sum_i z_i p_i), 3-step returns, prioritized replay, epsilon-greedy; no noisy nets,
-dueling or double-Q. The target distribution p_target(s', a*), a* = argmax_a Q_target(s', a), moves to
+dueling or double-Q (--noisy, --dueling, --double-q: DER's, all three set by --preset der for Atari 100k). The target distribution p_target(s', a*), a* = argmax_a Q_target(s', a), moves to
 r + gamma^n (1 - d) z and is projected back onto z; the loss is the cross-entropy to it times the importance weights,
 and a sampled transition's priority becomes sqrt(cross-entropy + 1e-10). Adam 6.25e-5 / eps 1.5e-4. Sparse training
 is dqn_pruned.py's (GMP by default); the C51 output kernel is pruned like every kernel.
@@ -22,6 +22,8 @@ Deviations from the paper and its code (the README lists them with their sources
     9. With --gradient-steps N > 1 the N batches of a training event are drawn first, all from the priorities as they
        were before it (the N steps run in one jitted call); each step's new priorities are written back after the
        call, in step order. At N = 1 (the paper's Rainbow) this is Dopamine's sample, step, write back.
+    10. --preset der follows Dopamine's DER.gin and full_rainbow_agent.py, but each noisy layer draws its own noise
+       (Dopamine's share a key) and both noisy kernels, mu and sigma, are pruned, each a layer of its own.
 
 Example: python rainbow_pruned.py --env-id ALE/Pong-v5 --width-scale 3   # the paper's setting (a GPU job); README: more
 """
