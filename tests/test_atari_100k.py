@@ -133,18 +133,6 @@ def test_double_q_target_by_hand(maybe_jit):
     np.testing.assert_allclose(aux["targets"], expected, rtol=1e-5)
 
 
-def test_a_tiny_pong_run_with_the_new_flags_reaches_its_targets(tmp_path, monkeypatch):
-    """--dueling --double-q --no-sticky-actions --terminal-on-life-loss through DQN's loop: GMP's masks end exactly at
-    their ERK targets (the dueling heads pruned like every kernel)."""
-    monkeypatch.chdir(tmp_path)
-    args = breakout_args(env_id="ALE/Pong-v5", total_timesteps=240, learning_starts=80, train_frequency=4)
-    args = dataclasses.replace(args, pruning_method="gmp", sparsity=0.8, prune_frequency_grad_steps=5, save_model=True)
-    args = dataclasses.replace(args, dueling=True, double_q=True, sticky_actions=False, terminal_on_life_loss=True)
-    run_dir = dqn.main(args)["run_dir"]
-    params, _, _ = check_saved_masks(dqn, os.path.join(run_dir, f"{args.exp_name}.msgpack"), 0.8)
-    assert {"value", "advantage"} <= set(params) and "q" not in params
-
-
 # ------------------------------------------------------------------------------------------------------------ presets
 # Dopamine's labs/atari_100k/configs/DrQ_eps.gin and DER.gin, as the flags they become (Runner.training_steps x
 # num_iterations = 100,000 agent steps; MaxEpisodeEvalRunner.num_eval_episodes = 100; epsilon_eval 0.001;
