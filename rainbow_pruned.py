@@ -6,10 +6,11 @@ Closer Look at Sparse Training in Deep RL" (RigL vs pruning, no biases); Ma et a
 
 Dopamine's "compact" Rainbow, as in the paper (Sec. 4.1; Dopamine's rainbow_agent.py and rainbow.gin): a C51 head
 (51 atoms z on [-10, 10], Q = sum_i z_i p_i), 3-step returns, prioritized replay, epsilon-greedy; no noisy nets,
-dueling or double-Q (--noisy, --dueling, --double-q: DER's, all three set by --preset der for Atari 100k). The target distribution p_target(s', a*), a* = argmax_a Q_target(s', a), moves to
-r + gamma^n (1 - d) z and is projected back onto z; the loss is the cross-entropy to it times the importance weights,
-and a sampled transition's priority becomes sqrt(cross-entropy + 1e-10). Adam 6.25e-5 / eps 1.5e-4. Sparse training
-is dqn_pruned.py's (GMP by default); the C51 output kernel is pruned like every kernel.
+dueling or double-Q (--noisy, --dueling, --double-q: DER's, all three set by --preset der for Atari 100k). The target
+distribution p_target(s', a*), a* = argmax_a Q_target(s', a), moves to r + gamma^n (1 - d) z and is projected back
+onto z; the loss is the cross-entropy to it times the importance weights, and a sampled transition's priority becomes
+sqrt(cross-entropy + 1e-10). Adam 6.25e-5 / eps 1.5e-4. Sparse training is dqn_pruned.py's (GMP by default); the C51
+output kernel is pruned like every kernel.
 
 Deviations from the paper and its code (the README lists them with their sources)
     1-6. Those of dqn_pruned.py: the pruning window and its forced final mask update, RigL/SET's optimizer step on
