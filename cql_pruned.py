@@ -321,6 +321,18 @@ def make_env(env_id: str, sticky_actions: bool = True):
     return env, False
 
 
+def start_game(env, rng: np.random.Generator, noop_max: int, seed: int | None = None):
+    """Resets `env` (seeded, if `seed` is given), then takes a random 0 to noop_max - 1 no-op steps (action 0, their
+    rewards dropped; drawn from `rng`, which noop_max 0 leaves untouched), as Dopamine's Atari 100k runner does with
+    randint(0, max_noops). Returns the frame the agent starts from."""
+    frame, _ = env.reset(seed=seed)
+    for _ in range(int(rng.integers(noop_max)) if noop_max else 0):
+        frame, _, terminated, truncated, _ = env.step(0)
+        if terminated or truncated:
+            frame, _ = env.reset()
+    return frame
+
+
 # ===================================================================================================== network
 # -------------------------------------------------------------------------------- shared: network torso
 def conv(channels: int, kernel: int, stride: int = 1, padding: str = "SAME", **kwargs) -> nn.Conv:

@@ -68,6 +68,7 @@ PRESETS = {
         "eval_frequency": 100_000,  # one evaluation, after the last step: 100 episodes at epsilon 0.001, no noise
         "eval_episodes": 100,
         "eval_epsilon": 0.001,
+        "noop_max": 30,  # Dopamine's DataEfficientAtariRunner
         "learning_rate": 1e-4,
         "adam_eps": 1.5e-4,
         "buffer_size": 100_000,  # the whole run (Dopamine: 1M "as a proxy for unbounded memory")
@@ -120,6 +121,9 @@ class Args:
     terminal_on_life_loss: bool = False
     """Atari: a lost life ends the stored episode (terminal; the frame stack starts again) while the game goes on, and
     the logged return is the whole game's (Dopamine's Atari 100k protocol)"""
+    noop_max: int = 0
+    """Atari: every game starts with a random 0 to noop-max - 1 no-op steps, in training and evaluation (Dopamine's
+    Atari 100k runner: 30); 0: none (the paper's protocol, which has sticky actions)"""
     total_timesteps: int = 10_000_000
     """env steps (agent steps) of the run; 10M = 40M frames, the paper's 40 iterations of 250k steps"""
     gradient_steps: int = 1
@@ -185,7 +189,8 @@ class Args:
     """highest atom of the support; the support is linspace(v_min, v_max, num_atoms) (paper Table 2)"""
     noisy: bool = False
     """noisy nets for the dense layers (Fortunato et al. 2018, factorized Gaussian, sigma_0 = 0.1 as in Dopamine's
-    NoisyNetwork): noise drawn from the state's key at every forward pass, off in evaluations. Dopamine acts at epsilon
+    NoisyNetwork): new noise at every forward pass (training: from the state's key; acting: from the seed and the env
+    step), none in evaluations. Dopamine acts at epsilon
     0 with them: --start-e 0 --end-e 0 (the der preset sets both)"""
     dueling: bool = False
     """dueling head on the logits, value + advantage - mean_a advantage per atom (Wang et al. 2016; Dopamine's
@@ -297,6 +302,7 @@ def run_checks(args: Args) -> list:
     positive += ("exploration_steps", "target_network_frequency", "eval_episodes")
     return [(getattr(a, f) > 0, f"{flag(f)} must be > 0") for f in positive] + [
         (a.eval_frequency >= 0, "--eval-frequency must be >= 0 (0: off)"),
+        (a.noop_max >= 0, "--noop-max must be >= 0 (0: none)"),
         (0 <= a.eval_epsilon <= 1, "--eval-epsilon must be in [0, 1]"),
         (a.buffer_size >= batch, f"--buffer-size ({a.buffer_size}) must be >= --batch-size ({batch})"),
         (0 < a.gamma <= 1, "--gamma must be in (0, 1]"),
@@ -380,6 +386,18 @@ def make_env(env_id: str, sticky_actions: bool = True):
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise ArgsError(f"--env-id {env_id!r} has action space {env.action_space}; DQN needs a discrete one")
     return env, False
+
+
+def start_game(env, rng: np.random.Generator, noop_max: int, seed: int | None = None):
+    """Resets `env` (seeded, if `seed` is given), then takes a random 0 to noop_max - 1 no-op steps (action 0, their
+    rewards dropped; drawn from `rng`, which noop_max 0 leaves untouched), as Dopamine's Atari 100k runner does with
+    randint(0, max_noops). Returns the frame the agent starts from."""
+    frame, _ = env.reset(seed=seed)
+    for _ in range(int(rng.integers(noop_max)) if noop_max else 0):
+        frame, _, terminated, truncated, _ = env.step(0)
+        if terminated or truncated:
+            frame, _ = env.reset()
+    return frame
 
 
 # ===================================================================================================== network
@@ -975,7 +993,7 @@ def evaluate(args: Args, env, greedy_action, params, stack: int, step: int) -> l
     streams, and one redone after a resume is the same."""
     rng, returns, t = np.random.default_rng([args.seed, 3, step]), [], 0
     for _ in range(args.eval_episodes):
-        frame, _ = env.reset(seed=int(rng.integers(2**31)))
+        frame = start_game(env, rng, args.noop_max, seed=int(rng.integers(2**31)))
         frames = deque([np.zeros_like(frame)] * (stack - 1) + [frame], maxlen=stack)
         episode_return, done = 0.0, False
         while not done:
@@ -1078,7 +1096,7 @@ def make_update(loss_fn, tx: optax.GradientTransformation, method: str):
     def step(state: TrainState, batch: Batch, probs, counts):
         weights = importance_weights(probs)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        noise_key = jax.random.fold_in(state.key, 1)  # noisy nets' noise (the state's key moves on at every step)
+        noise_key = jax.random.fold_in(state.key, 2)  # noisy nets' (not split(state.key)'s keys; new at every step)
         (loss, aux), grads = grad_fn(state.params, state.target_params, batch, noise_key, weights)
         state = sparse_step(state, loss, grads, counts, tx, method)  # masks, Adam, theta <- (theta + u) * m
         priorities = jnp.where(state.finite, priorities_from_loss(aux["losses"]), jnp.nan)
@@ -1104,6 +1122,8 @@ def main(args: Args) -> dict:
     stack = 4 if is_atari else 1  # frames per state
     if args.network != "mlp" and not is_atari:
         raise ArgsError(f"--network {args.network} needs Atari frames; use --network mlp for {args.env_id}")
+    if args.noop_max and not is_atari:
+        raise ArgsError(f"--noop-max starts Atari games; {args.env_id} is not one")
     if args.buffer_size < stack + args.n_step:  # the smallest buffer that holds one whole transition
         raise ArgsError(f"--buffer-size ({args.buffer_size}) must be >= frame stack + n-step ({stack + args.n_step})")
     frame_shape, frame_dtype = env.observation_space.shape, env.observation_space.dtype
@@ -1123,7 +1143,7 @@ def main(args: Args) -> dict:
     loss_fn = make_loss(network, support, args.double_q)
     update = make_update(loss_fn, tx, args.pruning_method)
     q_fn = make_q_fn(network, support)
-    act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)[2]  # noisy nets' acting noise: fold_in(act_key, t)
+    act_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 3)  # noisy nets' acting noise: fold_in(act_key, t)
     greedy_action = jax.jit(
         lambda params, obs, t: q_fn(params, obs[None], jax.random.fold_in(act_key, t)).argmax(-1)[0]
     )
@@ -1134,7 +1154,7 @@ def main(args: Args) -> dict:
     analysis = metrics.make_analysis(q_fn, loss_fn, args.metrics_grad_samples)
     window = prune_window(args)  # (t_start, t_end, frequency) in gradient steps
     final_sparsity, summarize = metrics.overall_sparsity(state.params, targets), jax.jit(metrics.sparsity_summary)
-    obs_frame, _ = env.reset(seed=int(rng.integers(2**31)))
+    obs_frame = start_game(env, rng, args.noop_max, seed=int(rng.integers(2**31)))
     frames = deque([np.zeros_like(obs_frame)] * (stack - 1) + [obs_frame], maxlen=stack)  # zeros before the start
     start, grad_step, episode_return, episode_length, returns = 0, 0, 0.0, 0, []
     update_metrics = metrics_batch = None
@@ -1192,7 +1212,7 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_length", episode_length, global_step)
                 returns.append(episode_return)
                 episode_return, episode_length = 0.0, 0
-                next_frame, _ = env.reset()
+                next_frame = start_game(env, rng, args.noop_max)
             if terminated or truncated or life_lost:  # the agent's next episode, its stack zero-filled (at a life loss
                 frames.extend([np.zeros_like(next_frame)] * (stack - 1))  # the game goes on, as in Dopamine's 100k)
             frames.append(next_frame)
