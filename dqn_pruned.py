@@ -141,6 +141,8 @@ class Args:
 
     # -------- algorithm arguments (DQN: Mnih et al. 2015; the paper's Table 2 and Dopamine's dqn.gin)
     preset: Annotated[Literal["paper", "drq-eps"], tyro.conf.arg(help=preset_help())] = "paper"
+    """named defaults (PRESETS above; --help lists them): the command line's --preset NAME sets them, preset_args in
+    Python"""
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine dqn.gin)"""
     adam_eps: float = 1.5e-4
@@ -234,7 +236,10 @@ class Args:
 # -------------------------------------------------------------------------------- algorithm checks
 def algorithm_checks(args: Args) -> list:
     """(ok, message) pairs for the DQN-only fields."""
-    return [(not args.augmentation or args.network != "mlp", "--augmentation crops images: it needs an image torso")]
+    return [
+        (args.preset in PRESETS, f"--preset {args.preset!r}: the presets are {', '.join(PRESETS)}"),
+        (not args.augmentation or args.network != "mlp", "--augmentation crops images: it needs an image torso"),
+    ]
 
 
 # -------------------------------------------------------------------------------- shared: arg checks

@@ -145,6 +145,8 @@ class Args:
 
     # -------- algorithm arguments (compact Rainbow: the paper's Table 2 and Dopamine's rainbow.gin)
     preset: Annotated[Literal["paper", "der"], tyro.conf.arg(help=preset_help())] = "paper"
+    """named defaults (PRESETS above; --help lists them): the command line's --preset NAME sets them, preset_args in
+    Python"""
     learning_rate: float = 6.25e-5
     """Adam learning rate (paper Table 2; Dopamine rainbow.gin)"""
     adam_eps: float = 1.5e-4
@@ -246,6 +248,7 @@ class Args:
 def algorithm_checks(args: Args) -> list:
     """(ok, message) pairs for the Rainbow-only fields."""
     return [
+        (args.preset in PRESETS, f"--preset {args.preset!r}: the presets are {', '.join(PRESETS)}"),
         (args.num_atoms >= 2, f"--num-atoms must be >= 2, got {args.num_atoms}"),
         (args.v_min < args.v_max, f"need --v-min ({args.v_min}) < --v-max ({args.v_max})"),
     ]
