@@ -326,10 +326,10 @@ class AtariEnv:
 
     reset(seed) seeds the emulator and its sticky actions; reset() goes on from there, and reseeds (with a seed drawn
     from the last one) once RESEED_STEPS steps have passed since, as a seeded reset reloads the ROM (~70 ms). The env
-    is thus its last seed and the actions and resets since: a pickle holds them, and unpickling replays them on a new
-    emulator, which then goes on bit-identically."""
+    is thus its last seed and the actions, resets and count restarts since: a pickle holds them, and unpickling replays
+    them on a new emulator, which then goes on bit-identically."""
 
-    RESEED_STEPS, RESET = 10_000, 255  # RESET: an unseeded reset in the history (actions are < 18)
+    RESEED_STEPS, RESET, RESTART_COUNT = 10_000, 255, 254  # in the history, beside the actions (< 18)
 
     def __init__(self, game: str, sticky: float = 0.25, max_steps: int = 27_000):
         self.game, self.sticky, self.max_steps = game, sticky, max_steps
@@ -365,6 +365,12 @@ class AtariEnv:
         life_lost, self.lives = lives < self.lives, lives
         return obs[0, 0], float(reward[0]), terminated, truncated, {"life_lost": life_lost}
 
+    def restart_count(self):
+        """The 27k-step limit counts from here: start_game calls it after its no-ops, as Dopamine's runner counts the
+        agent's steps only (max_steps_per_episode)."""
+        self.history.append(self.RESTART_COUNT)
+        self.steps = 0
+
     def __getstate__(self) -> dict:
         return {name: getattr(self, name) for name in ("game", "sticky", "max_steps", "seed", "history")}
 
@@ -373,7 +379,12 @@ class AtariEnv:
         if state["seed"] is not None:
             self.reset(state["seed"])
             for action in state["history"]:
-                self.reset() if action == self.RESET else self.step(action)
+                if action == self.RESET:
+                    self.reset()
+                elif action == self.RESTART_COUNT:
+                    self.restart_count()
+                else:
+                    self.step(action)
 
 
 def make_env(env_id: str, sticky_actions: bool = True):
@@ -394,12 +405,15 @@ def make_env(env_id: str, sticky_actions: bool = True):
 def start_game(env, rng: np.random.Generator, noop_max: int, seed: int | None = None):
     """Resets `env` (seeded, if `seed` is given), then takes a random 0 to noop_max - 1 no-op steps (action 0, their
     rewards dropped; drawn from `rng`, which noop_max 0 leaves untouched), as Dopamine's Atari 100k runner does with
-    randint(0, max_noops). Returns the frame the agent starts from."""
+    randint(0, max_noops). AtariEnv's 27k-step limit then counts from the agent's first step, as Dopamine's does.
+    Returns the frame the agent starts from."""
     frame, _ = env.reset(seed=seed)
     for _ in range(int(rng.integers(noop_max)) if noop_max else 0):
         frame, _, terminated, truncated, _ = env.step(0)
         if terminated or truncated:
             frame, _ = env.reset()
+    if noop_max:
+        env.restart_count()
     return frame
 
 

@@ -6,6 +6,7 @@ files, on the command line, in tiny Pong runs and across a kill and resume."""
 import dataclasses
 import glob
 import os
+import pickle
 import subprocess
 import sys
 
@@ -444,6 +445,9 @@ class CountingEnv:
         self.steps, self.actions = self.steps + 1, [*self.actions, action]
         return np.full(1, self.steps), 1.0, self.steps >= self.length, False, {}
 
+    def restart_count(self):
+        self.actions = [*self.actions, "restart count"]
+
 
 def test_no_op_starts_take_0_to_noop_max_minus_1_no_ops():
     """start_game: 0..29 no-op steps at --noop-max 30 (Dopamine's randint(0, 30)), every count reached, never 30; a game
@@ -453,13 +457,33 @@ def test_no_op_starts_take_0_to_noop_max_minus_1_no_ops():
         env = CountingEnv()
         frame = dqn.start_game(env, rng, 30)
         counts.append(int(frame[0]))
-        assert env.actions == [0] * counts[-1] and env.resets == 1
+        assert env.actions == [0] * counts[-1] + ["restart count"] and env.resets == 1
     assert set(counts) == set(range(30))
     env = CountingEnv(length=3)
     frame = dqn.start_game(env, np.random.default_rng(1), 30)
     drawn = int(np.random.default_rng(1).integers(30))
-    assert drawn >= 3 and env.resets == 1 + drawn // 3 and frame[0] == drawn % 3
+    assert drawn >= 3 and env.resets == 1 + drawn // 3 and frame[0] == drawn % 3 and env.actions[-1] == "restart count"
     rng = np.random.default_rng(2)
     before = rng.bit_generator.state
     env = CountingEnv()
     assert dqn.start_game(env, rng, 0, seed=5)[0] == 0 and env.actions == [] and rng.bit_generator.state == before
+
+
+def test_the_step_limit_counts_the_agents_steps_after_the_no_ops():
+    """Dopamine's runner counts max_steps_per_episode in agent steps, after its no-ops: a game that started with n
+    no-ops is truncated after max_steps more steps, not max_steps - n. A pickle taken late in such a game (past
+    max_steps - n steps of the agent) replays the restart and is truncated at the same step."""
+    rng = np.random.default_rng(4)
+    noops = int(np.random.default_rng(4).integers(30))
+    assert noops >= 10  # the seed's draw, so that counting the no-ops would truncate 10 or more steps early
+    env = dqn.AtariEnv("pong", max_steps=60)
+    dqn.start_game(env, rng, 30, seed=7)
+    assert env.steps == 0 and list(env.history[-noops - 1 :]) == [0] * noops + [env.RESTART_COUNT]
+    for _ in range(55):
+        assert not env.step(2)[3]
+    restored = pickle.loads(pickle.dumps(env))
+    for t in range(5):
+        ends = [e.step(3)[2:4] for e in (env, restored)]
+        assert ends[0] == ends[1] == (False, t == 4)
+    with pytest.raises(RuntimeError, match="reset"):
+        restored.step(0)
